@@ -1,0 +1,264 @@
+//! A loaded captioning model: preprocessing, encoding and decoding together,
+//! the library's main entry point.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+use crate::generate::{self, Decoder, StoppingConfig};
+use crate::hub::ModelFiles;
+use crate::image::PreprocessConfig;
+use crate::models::blip::{BlipConfig, BlipForConditionalGeneration, DecoderState, TextDecoder};
+use crate::registry::Family;
+use crate::tokenizer::TextCodec;
+use crate::weights;
+
+/// Where and in what precision to run.
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    pub device: Device,
+    /// `None`: f32 on CPU (candle's fast path there); the checkpoint's own
+    /// half-precision dtype on a GPU.
+    pub dtype: Option<DType>,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: None,
+        }
+    }
+}
+
+/// What to generate for each image.
+#[derive(Debug, Clone, Default)]
+pub struct CaptionRequest {
+    /// Text the caption must start with (`--prompt "a picture of"`).
+    pub prompt: Option<String>,
+    /// New tokens at most; `None` is transformers' default (20, within the
+    /// model's position limit).
+    pub max_new_tokens: Option<usize>,
+}
+
+/// One generated caption.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caption {
+    /// The full token sequence, prompt included, as transformers' `generate` returns it.
+    pub ids: Vec<u32>,
+    /// `decode(ids, skip_special_tokens=True)`: includes the prompt text, as
+    /// transformers prints it.
+    pub text: String,
+}
+
+/// A captioning model ready to run.
+pub struct Captioner {
+    model: BlipForConditionalGeneration,
+    codec: TextCodec,
+    preprocess: PreprocessConfig,
+    device: Device,
+    dtype: DType,
+    notes: Vec<String>,
+}
+
+impl Captioner {
+    /// Loads the model in `files` (from [`crate::hub::fetch`]).
+    pub fn load(files: &ModelFiles, runtime: &RuntimeOptions) -> Result<Self> {
+        let config_text = read(&files.config)?;
+        let config_json: serde_json::Value = serde_json::from_str(&config_text)
+            .with_context(|| format!("parsing {}", files.config.display()))?;
+        let architectures: Vec<String> = config_json
+            .get("architectures")
+            .and_then(|a| serde_json::from_value(a.clone()).ok())
+            .unwrap_or_default();
+        match Family::from_architectures(&architectures) {
+            Some(Family::Blip) => {}
+            None => anyhow::bail!(
+                "{} is a {} model; this version runs BlipForConditionalGeneration captioning models",
+                files.source,
+                if architectures.is_empty() { "model of unknown architecture".to_string() } else { architectures.join(", ") }
+            ),
+        }
+        let config = BlipConfig::from_json(&config_text)
+            .with_context(|| format!("reading {}", files.config.display()))?;
+        let dtype = runtime.dtype.unwrap_or_else(|| match runtime.device {
+            Device::Cpu => DType::F32,
+            _ => weights::checkpoint_dtype(&config_json).unwrap_or(DType::F32),
+        });
+        let preprocess = load_preprocess_config(&files.image_processor)?;
+        anyhow::ensure!(
+            preprocess.height as usize == config.vision_config.image_size
+                && preprocess.width as usize == config.vision_config.image_size,
+            "{} resizes to {}x{} but the vision model expects {}x{}",
+            files.image_processor.display(),
+            preprocess.width,
+            preprocess.height,
+            config.vision_config.image_size,
+            config.vision_config.image_size
+        );
+        let codec = TextCodec::load(&files.tokenizer, files.tokenizer_config.as_deref())?;
+        let notes = config.filled_gaps.clone();
+        let model = {
+            // The VarBuilder holds every tensor it has handed out; dropping it
+            // right after building keeps only the model's copy in memory.
+            let vb = weights::var_builder(&files.weights, dtype, &runtime.device)?;
+            BlipForConditionalGeneration::new(config, vb)
+                .with_context(|| format!("loading the weights of {}", files.source))?
+        };
+        Ok(Self {
+            model,
+            codec,
+            preprocess,
+            device: runtime.device.clone(),
+            dtype,
+            notes,
+        })
+    }
+
+    /// Things the user should know about how the model was loaded (gaps in its
+    /// config that were filled from the family's known values).
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    pub fn preprocess_config(&self) -> &PreprocessConfig {
+        &self.preprocess
+    }
+
+    /// `[batch, 3, H, W]` pixel values of decoded RGB images.
+    pub fn pixel_values(&self, images: &[image::RgbImage]) -> Result<Tensor> {
+        let (h, w) = (
+            self.preprocess.height as usize,
+            self.preprocess.width as usize,
+        );
+        let mut values = Vec::with_capacity(images.len() * 3 * h * w);
+        for image in images {
+            values.extend(crate::image::pixel_values(image, &self.preprocess));
+        }
+        Ok(
+            Tensor::from_vec(values, (images.len(), 3, h, w), &self.device)?
+                .to_dtype(self.dtype)?,
+        )
+    }
+
+    /// `image_embeds [batch, tokens, hidden]` of `pixel_values`.
+    pub fn image_embeds(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        Ok(self
+            .model
+            .image_embeds(&pixel_values.to_dtype(self.dtype)?)?)
+    }
+
+    /// Captions a batch of images together; one caption per image, in order.
+    pub fn caption(
+        &self,
+        images: &[image::RgbImage],
+        request: &CaptionRequest,
+    ) -> Result<Vec<Caption>> {
+        if images.is_empty() {
+            return Ok(vec![]);
+        }
+        let pixel_values = self.pixel_values(images)?;
+        let image_embeds = self.image_embeds(&pixel_values)?;
+        self.caption_embeds(&image_embeds, request)
+    }
+
+    /// Generates from already encoded images.
+    pub fn caption_embeds(
+        &self,
+        image_embeds: &Tensor,
+        request: &CaptionRequest,
+    ) -> Result<Vec<Caption>> {
+        let batch = image_embeds.dim(0)?;
+        let prompt = self.prompt_ids(request.prompt.as_deref())?;
+        let text = &self.model.config.text_config;
+        let stopping = StoppingConfig::new(
+            prompt.len(),
+            request.max_new_tokens,
+            self.model.text_decoder.max_position_embeddings(),
+            vec![text.sep_token_id],
+        );
+        let mut decoder = BlipCaptionDecoder {
+            text_decoder: &self.model.text_decoder,
+            state: self.model.decoder_state(image_embeds)?,
+            device: self.device.clone(),
+        };
+        let sequences = generate::greedy(&mut decoder, &vec![prompt; batch], &stopping)?;
+        sequences
+            .into_iter()
+            .map(|ids| {
+                let text = self.codec.decode(&ids)?;
+                Ok(Caption { ids, text })
+            })
+            .collect()
+    }
+
+    /// The decoder's starting tokens. Without a prompt: `[DEC]` alone. With one,
+    /// transformers tokenizes it as `[CLS] prompt [SEP]`, swaps the `[CLS]` for
+    /// `[DEC]` and drops the `[SEP]` (`BlipForConditionalGeneration.generate`).
+    pub fn prompt_ids(&self, prompt: Option<&str>) -> Result<Vec<u32>> {
+        let bos = self.model.config.text_config.bos_token_id;
+        let Some(prompt) = prompt else {
+            return Ok(vec![bos]);
+        };
+        let mut ids = self.codec.encode_with_special_tokens(prompt)?;
+        anyhow::ensure!(ids.len() >= 2, "the prompt {prompt:?} tokenizes to nothing");
+        ids[0] = bos;
+        ids.pop();
+        Ok(ids)
+    }
+
+    /// Logits for the token after `prompt`, `[batch, vocab]`, in the model's
+    /// dtype (for parity tests).
+    pub fn first_step_logits(&self, image_embeds: &Tensor, prompt: Option<&str>) -> Result<Tensor> {
+        let prompt = self.prompt_ids(prompt)?;
+        let batch = image_embeds.dim(0)?;
+        let mut decoder = BlipCaptionDecoder {
+            text_decoder: &self.model.text_decoder,
+            state: self.model.decoder_state(image_embeds)?,
+            device: self.device.clone(),
+        };
+        let input_ids = Tensor::new(vec![prompt; batch], &self.device)?;
+        Ok(decoder
+            .text_decoder
+            .forward(&input_ids, &mut decoder.state)?)
+    }
+}
+
+/// The BLIP text decoder as seen by the generation loop.
+struct BlipCaptionDecoder<'a> {
+    text_decoder: &'a TextDecoder,
+    state: DecoderState,
+    device: Device,
+}
+
+impl Decoder for BlipCaptionDecoder<'_> {
+    fn step(&mut self, input_ids: &Tensor) -> Result<Tensor> {
+        let logits = self.text_decoder.forward(input_ids, &mut self.state)?;
+        Ok(logits.to_dtype(DType::F32)?)
+    }
+
+    fn select_rows(&mut self, rows: &[u32]) -> Result<()> {
+        let rows = Tensor::new(rows, self.device())?;
+        Ok(self.state.select_rows(&rows)?)
+    }
+
+    fn device(&self) -> &Device {
+        &self.device
+    }
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// The image processor settings: `preprocessor_config.json` as it is, or the
+/// `image_processor` object inside transformers 5's `processor_config.json`.
+fn load_preprocess_config(path: &Path) -> Result<PreprocessConfig> {
+    let text = read(path)?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let section = json.get("image_processor").unwrap_or(&json);
+    PreprocessConfig::from_json_str(&section.to_string())
+        .with_context(|| format!("reading {}", path.display()))
+}

@@ -1,0 +1,242 @@
+//! The command line: clap structs, resolved once into a validated run, then
+//! executed over the library.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::hub;
+use crate::image::LoadOptions;
+use crate::output::{self, Format, Outcome, Record};
+use crate::registry::Registry;
+use crate::{CaptionRequest, Captioner, RuntimeOptions};
+
+/// Caption images with BLIP, natively: the same captions as transformers, in one fast binary.
+#[derive(Debug, Parser)]
+#[command(name = "caption", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub caption: CaptionArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List the model aliases, and whether each is already in the local cache.
+    Models,
+}
+
+#[derive(Debug, Args)]
+pub struct CaptionArgs {
+    /// Image files to caption.
+    #[arg(value_name = "IMAGE")]
+    pub images: Vec<PathBuf>,
+
+    /// Model: an alias (see `caption models`), a Hub id `owner/name[@revision]`, or a local folder.
+    #[arg(short, long, default_value = "blip-base", env = "CAPTION_MODEL")]
+    pub model: String,
+
+    /// Start every caption with this text, e.g. "a picture of" (it is part of the printed caption, as in transformers).
+    #[arg(long)]
+    pub prompt: Option<String>,
+
+    /// Generate at most this many new tokens [default: 20, within the model's position limit].
+    #[arg(long, value_name = "N")]
+    pub max_tokens: Option<usize>,
+
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+
+    /// Images encoded and decoded together. Larger batches use the CPU better; results are identical.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: u32,
+
+    /// Where to run: cpu, cuda, cuda:N, or auto (a GPU if this build supports one and it is present).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+
+    /// Weight precision. auto: f32 on CPU, the checkpoint's dtype on GPU.
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
+    pub dtype: DtypeArg,
+
+    /// CPU threads for the model [default: all cores].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub threads: Option<u32>,
+
+    /// Ignore EXIF orientation (transformers does): use the pixels as stored.
+    #[arg(long)]
+    pub no_exif_rotate: bool,
+
+    /// Print nothing on stderr but errors.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+impl DtypeArg {
+    fn dtype(self) -> Option<DType> {
+        match self {
+            Self::Auto => None,
+            Self::F32 => Some(DType::F32),
+            Self::F16 => Some(DType::F16),
+            Self::Bf16 => Some(DType::BF16),
+        }
+    }
+}
+
+/// How a run ended, for the exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStatus {
+    /// Every input produced a result.
+    AllGood,
+    /// At least one input failed (and was reported); the others were processed.
+    SomeFailed,
+}
+
+impl RunStatus {
+    pub fn exit_code(self) -> ExitCode {
+        match self {
+            Self::AllGood => ExitCode::SUCCESS,
+            Self::SomeFailed => ExitCode::from(1),
+        }
+    }
+}
+
+/// True when `err` comes from writing to a closed pipe (`caption … | head`).
+pub fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+pub fn run(cli: Cli) -> Result<RunStatus> {
+    let registry = Registry::builtin();
+    match cli.command {
+        Some(Command::Models) => list_models(&registry),
+        None => caption_images(&cli.caption, &registry),
+    }
+}
+
+fn list_models(registry: &Registry) -> Result<RunStatus> {
+    let cache = hub::hub_cache_dir().ok();
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "alias\tfamily\ttask\trepo\trevision\tcached")?;
+    for (name, entry) in &registry.entries {
+        let cached = cache
+            .as_deref()
+            .and_then(|dir| hub::cached_snapshot(dir, &entry.hub_model()))
+            .is_some_and(|snapshot| snapshot.join("config.json").is_file());
+        writeln!(
+            out,
+            "{name}\t{}\t{}\t{}\t{}\t{}",
+            entry.family,
+            entry.task,
+            entry.repo,
+            entry.revision,
+            if cached { "yes" } else { "no" }
+        )?;
+    }
+    Ok(RunStatus::AllGood)
+}
+
+/// `cpu`, `cuda`, `cuda:N` or `auto`.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let cuda = |ordinal: usize| -> Result<Device> {
+        if !cfg!(feature = "cuda") {
+            bail!("this build has no CUDA support: rebuild with `--features cuda`, or use --device cpu");
+        }
+        Device::new_cuda(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
+    };
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(if cfg!(feature = "cuda") {
+            Device::cuda_if_available(0).unwrap_or(Device::Cpu)
+        } else {
+            Device::Cpu
+        }),
+        "cuda" => cuda(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(ordinal)) => cuda(ordinal),
+            _ => bail!("unknown device `{other}`: expected cpu, cuda, cuda:N or auto"),
+        },
+    }
+}
+
+fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStatus> {
+    if args.images.is_empty() {
+        bail!("no images given (try `caption photo.jpg`, or `caption --help`)");
+    }
+    if let Some(threads) = args.threads {
+        // candle's CPU kernels size their thread pools from this variable; we
+        // are still single-threaded here, before any of them start.
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    let runtime = RuntimeOptions {
+        device: parse_device(&args.device)?,
+        dtype: args.dtype.dtype(),
+    };
+    let (source, _entry) = crate::resolve_model(&args.model, registry)?;
+    let files = hub::fetch(&source)?;
+    let captioner = Captioner::load(&files, &runtime)?;
+    if !args.quiet {
+        for note in captioner.notes() {
+            eprintln!("caption: note: {source}: {note}");
+        }
+    }
+    let request = CaptionRequest {
+        prompt: args.prompt.clone(),
+        max_new_tokens: args.max_tokens,
+    };
+    let load_options = LoadOptions {
+        exif_rotate: !args.no_exif_rotate,
+        ..LoadOptions::default()
+    };
+    let stdout = std::io::stdout().lock();
+    let mut writer = output::writer(args.format, stdout, args.images.len() > 1);
+    let mut status = RunStatus::AllGood;
+    for chunk in args.images.chunks(args.batch_size as usize) {
+        let mut loaded = Vec::with_capacity(chunk.len());
+        let mut records = Vec::with_capacity(chunk.len());
+        for path in chunk {
+            let shown = path.display().to_string();
+            match crate::image::load_rgb8(path, &load_options) {
+                Ok(image) => {
+                    loaded.push(image);
+                    records.push((shown, None));
+                }
+                Err(err) => {
+                    eprintln!("caption: {shown}: {err}");
+                    status = RunStatus::SomeFailed;
+                    records.push((shown, Some(err.to_string())));
+                }
+            }
+        }
+        let mut captions = captioner.caption(&loaded, &request)?.into_iter();
+        for (path, error) in records {
+            let outcome = match error {
+                Some(reason) => Outcome::Error(reason),
+                None => {
+                    Outcome::Caption(captions.next().expect("one caption per loaded image").text)
+                }
+            };
+            writer.write(&Record { path, outcome })?;
+        }
+    }
+    writer.finish()?;
+    Ok(status)
+}

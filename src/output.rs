@@ -1,0 +1,190 @@
+//! Results on stdout, one writer per format. stdout carries data only; what
+//! people need to read (errors, notes) goes to stderr elsewhere.
+
+use std::io::{self, Write};
+
+use serde::Serialize;
+
+/// The result for one input image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The path as the user gave it (or as found in a folder).
+    pub path: String,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Caption(String),
+    /// A one-line reason the image produced nothing.
+    Error(String),
+}
+
+/// Output formats, chosen with `--format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// The caption alone for one image; `path<TAB>caption` per line for several.
+    Text,
+    /// One JSON object per line: {"path": ..., "caption": ...} or {"path": ..., "error": ...}.
+    Jsonl,
+}
+
+/// Writes records in one format.
+pub trait RecordWriter {
+    fn write(&mut self, record: &Record) -> io::Result<()>;
+    /// Called once after the last record.
+    fn finish(&mut self) -> io::Result<()>;
+}
+
+/// A writer for `format`; `several_inputs` tells the text format whether to
+/// name each image.
+pub fn writer<'a, W: Write + 'a>(
+    format: Format,
+    out: W,
+    several_inputs: bool,
+) -> Box<dyn RecordWriter + 'a> {
+    match format {
+        Format::Text => Box::new(TextWriter {
+            out,
+            several_inputs,
+        }),
+        Format::Jsonl => Box::new(JsonlWriter { out }),
+    }
+}
+
+struct TextWriter<W> {
+    out: W,
+    several_inputs: bool,
+}
+
+impl<W: Write> RecordWriter for TextWriter<W> {
+    fn write(&mut self, record: &Record) -> io::Result<()> {
+        // Failures are reported on stderr by the caller; the text format has no
+        // place for them that a script reading captions would not trip over.
+        let Outcome::Caption(caption) = &record.outcome else {
+            return Ok(());
+        };
+        // One line per record whatever the caption holds.
+        let caption = single_line(caption);
+        if self.several_inputs {
+            writeln!(self.out, "{}\t{caption}", single_line(&record.path))?;
+        } else {
+            writeln!(self.out, "{caption}")?;
+        }
+        // Line by line, so a pipe sees each caption as soon as it exists.
+        self.out.flush()
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+struct JsonlWriter<W> {
+    out: W,
+}
+
+#[derive(Serialize)]
+struct JsonRecord<'a> {
+    path: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    caption: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+}
+
+impl<'a> From<&'a Record> for JsonRecord<'a> {
+    fn from(record: &'a Record) -> Self {
+        let (caption, error) = match &record.outcome {
+            Outcome::Caption(c) => (Some(c.as_str()), None),
+            Outcome::Error(e) => (None, Some(e.as_str())),
+        };
+        Self {
+            path: &record.path,
+            caption,
+            error,
+        }
+    }
+}
+
+impl<W: Write> RecordWriter for JsonlWriter<W> {
+    fn write(&mut self, record: &Record) -> io::Result<()> {
+        // Serialise first, then write the whole line at once: an interrupted run
+        // never leaves half a record.
+        let mut line = serde_json::to_vec(&JsonRecord::from(record)).map_err(io::Error::other)?;
+        line.push(b'\n');
+        self.out.write_all(&line)?;
+        self.out.flush()
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+fn single_line(text: &str) -> String {
+    text.replace(['\n', '\r', '\t'], " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(format: Format, several: bool, records: &[Record]) -> String {
+        let mut buf = Vec::new();
+        {
+            let mut w = writer(format, &mut buf, several);
+            for r in records {
+                w.write(r).unwrap();
+            }
+            w.finish().unwrap();
+        }
+        String::from_utf8(buf).unwrap()
+    }
+
+    fn records() -> Vec<Record> {
+        vec![
+            Record {
+                path: "a.jpg".into(),
+                outcome: Outcome::Caption("a \"dog\"\non grass".into()),
+            },
+            Record {
+                path: "b.jpg".into(),
+                outcome: Outcome::Error("not an image".into()),
+            },
+        ]
+    }
+
+    #[test]
+    fn text_prints_the_caption_alone_for_one_image() {
+        assert_eq!(
+            run(Format::Text, false, &records()[..1]),
+            "a \"dog\" on grass\n"
+        );
+    }
+
+    #[test]
+    fn text_names_each_image_when_there_are_several_and_skips_failures() {
+        assert_eq!(
+            run(Format::Text, true, &records()),
+            "a.jpg\ta \"dog\" on grass\n"
+        );
+    }
+
+    #[test]
+    fn jsonl_writes_one_parseable_object_per_record() {
+        let out = run(Format::Jsonl, true, &records());
+        let lines: Vec<serde_json::Value> = out
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(
+            lines[0],
+            serde_json::json!({"path": "a.jpg", "caption": "a \"dog\"\non grass"})
+        );
+        assert_eq!(
+            lines[1],
+            serde_json::json!({"path": "b.jpg", "error": "not an image"})
+        );
+    }
+}

@@ -1,0 +1,138 @@
+//! `models.toml`: the aliases `--model` accepts, each pinned to a repository
+//! and commit, with the family that runs it and the task it does.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+use crate::hub::HubModel;
+
+/// The registry shipped inside the binary.
+pub const BUILTIN: &str = include_str!("../models.toml");
+
+/// The model code that runs a checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// `BlipForConditionalGeneration`.
+    Blip,
+}
+
+impl Family {
+    /// The family of a checkpoint from its config.json `architectures`.
+    pub fn from_architectures(architectures: &[String]) -> Option<Self> {
+        architectures.iter().find_map(|a| match a.as_str() {
+            "BlipForConditionalGeneration" => Some(Self::Blip),
+            _ => None,
+        })
+    }
+}
+
+/// What a model is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Task {
+    Caption,
+}
+
+impl std::fmt::Display for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Blip => "blip",
+        })
+    }
+}
+
+impl std::fmt::Display for Task {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Caption => "caption",
+        })
+    }
+}
+
+/// One alias.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    pub repo: String,
+    pub revision: String,
+    pub family: Family,
+    pub task: Task,
+    #[serde(default)]
+    pub description: String,
+}
+
+impl Entry {
+    pub fn hub_model(&self) -> HubModel {
+        HubModel {
+            repo: self.repo.clone(),
+            revision: self.revision.clone(),
+        }
+    }
+}
+
+/// All aliases, sorted by name.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    pub entries: BTreeMap<String, Entry>,
+}
+
+impl Registry {
+    pub fn parse(toml_text: &str) -> Result<Self> {
+        let entries: BTreeMap<String, Entry> =
+            toml::from_str(toml_text).context("models.toml is not a valid model registry")?;
+        for (name, entry) in &entries {
+            anyhow::ensure!(
+                HubModel::parse(&entry.repo).is_some(),
+                "models.toml: `{name}` has repo `{}`, expected owner/name",
+                entry.repo
+            );
+        }
+        Ok(Self { entries })
+    }
+
+    pub fn builtin() -> Self {
+        Self::parse(BUILTIN).expect("the built-in models.toml is checked by a unit test")
+    }
+
+    pub fn get(&self, alias: &str) -> Option<&Entry> {
+        self.entries.get(alias)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_registry_parses_and_pins_full_commits() {
+        let registry = Registry::parse(BUILTIN).unwrap();
+        assert!(registry.get("blip-base").is_some());
+        for (name, entry) in &registry.entries {
+            assert_eq!(
+                entry.revision.len(),
+                40,
+                "{name} must pin a full commit hash"
+            );
+            assert!(
+                entry.revision.chars().all(|c| c.is_ascii_hexdigit()),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_family_is_rejected_when_loading() {
+        let err = Registry::parse(
+            "[x]\nrepo = \"a/b\"\nrevision = \"main\"\nfamily = \"llama\"\ntask = \"caption\"\n",
+        )
+        .unwrap_err();
+        assert!(format!("{err:#}").contains("llama"), "{err:#}");
+    }
+}
