@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 
-use crate::generate::{self, Decoder, StoppingConfig};
+use crate::generate::{self, Decoder, GenerationConfig, GenerationDefaults, Limits};
 use crate::hub::ModelFiles;
 use crate::image::PreprocessConfig;
 use crate::models::blip::{BlipConfig, BlipForConditionalGeneration, DecoderState, TextDecoder};
@@ -37,19 +37,20 @@ impl Default for RuntimeOptions {
 pub struct CaptionRequest {
     /// Text the caption must start with (`--prompt "a picture of"`).
     pub prompt: Option<String>,
-    /// New tokens at most; `None` is transformers' default (20, within the
-    /// model's position limit).
-    pub max_new_tokens: Option<usize>,
+    /// Decoding: greedy, beams or sampling, lengths, penalties.
+    pub generation: GenerationConfig,
 }
 
 /// One generated caption.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Caption {
     /// The full token sequence, prompt included, as transformers' `generate` returns it.
     pub ids: Vec<u32>,
     /// `decode(ids, skip_special_tokens=True)`: includes the prompt text, as
     /// transformers prints it.
     pub text: String,
+    /// Beam search: the length-penalised log-probability it was ranked by.
+    pub score: Option<f32>,
 }
 
 /// A captioning model ready to run.
@@ -59,6 +60,7 @@ pub struct Captioner {
     preprocess: PreprocessConfig,
     device: Device,
     dtype: DType,
+    generation_defaults: GenerationDefaults,
     notes: Vec<String>,
 }
 
@@ -72,14 +74,14 @@ impl Captioner {
             .get("architectures")
             .and_then(|a| serde_json::from_value(a.clone()).ok())
             .unwrap_or_default();
-        match Family::from_architectures(&architectures) {
-            Some(Family::Blip) => {}
+        let family = match Family::from_architectures(&architectures) {
+            Some(family) => family,
             None => anyhow::bail!(
                 "{} is a {} model; this version runs BlipForConditionalGeneration captioning models",
                 files.source,
                 if architectures.is_empty() { "model of unknown architecture".to_string() } else { architectures.join(", ") }
             ),
-        }
+        };
         let config = BlipConfig::from_json(&config_text)
             .with_context(|| format!("reading {}", files.config.display()))?;
         let dtype = runtime.dtype.unwrap_or_else(|| match runtime.device {
@@ -98,7 +100,25 @@ impl Captioner {
             config.vision_config.image_size
         );
         let codec = TextCodec::load(&files.tokenizer, files.tokenizer_config.as_deref())?;
-        let notes = config.filled_gaps.clone();
+        let mut notes = config.filled_gaps.clone();
+        let generation_defaults = match &files.generation_config {
+            Some(path) => {
+                let defaults = GenerationDefaults::from_generation_config(path)?;
+                if family.applies_generation_config() {
+                    defaults
+                } else {
+                    if defaults != GenerationDefaults::default() {
+                        notes.push(format!(
+                            "{} sets decoding options that transformers does not apply to {family} models; \
+                             they are ignored here too (use the decoding flags)",
+                            path.display()
+                        ));
+                    }
+                    GenerationDefaults::default()
+                }
+            }
+            None => GenerationDefaults::default(),
+        };
         let model = {
             // The VarBuilder holds every tensor it has handed out; dropping it
             // right after building keeps only the model's copy in memory.
@@ -112,8 +132,15 @@ impl Captioner {
             preprocess,
             device: runtime.device.clone(),
             dtype,
+            generation_defaults,
             notes,
         })
+    }
+
+    /// Decoding defaults from the checkpoint's generation_config.json, where
+    /// transformers applies that file to this family.
+    pub fn generation_defaults(&self) -> &GenerationDefaults {
+        &self.generation_defaults
     }
 
     /// Things the user should know about how the model was loaded (gaps in its
@@ -149,46 +176,75 @@ impl Captioner {
             .image_embeds(&pixel_values.to_dtype(self.dtype)?)?)
     }
 
-    /// Captions a batch of images together; one caption per image, in order.
+    /// Captions a batch of images together. Per image, in order, the
+    /// requested number of captions, best first. Image i draws its random
+    /// numbers (when sampling) from stream i.
     pub fn caption(
         &self,
         images: &[image::RgbImage],
         request: &CaptionRequest,
-    ) -> Result<Vec<Caption>> {
+    ) -> Result<Vec<Vec<Caption>>> {
+        let streams: Vec<u64> = (0..images.len() as u64).collect();
+        self.caption_with_streams(images, &streams, request)
+    }
+
+    /// [`Self::caption`] with each image's random stream given: a caller that
+    /// splits a run into batches passes the images' positions in the whole run,
+    /// so sampled captions do not depend on the batch size.
+    pub fn caption_with_streams(
+        &self,
+        images: &[image::RgbImage],
+        streams: &[u64],
+        request: &CaptionRequest,
+    ) -> Result<Vec<Vec<Caption>>> {
         if images.is_empty() {
             return Ok(vec![]);
         }
         let pixel_values = self.pixel_values(images)?;
         let image_embeds = self.image_embeds(&pixel_values)?;
-        self.caption_embeds(&image_embeds, request)
+        self.caption_embeds(&image_embeds, streams, request)
     }
 
-    /// Generates from already encoded images.
+    /// Generates from already encoded images, `streams` as in
+    /// [`Self::caption_with_streams`].
     pub fn caption_embeds(
         &self,
         image_embeds: &Tensor,
+        streams: &[u64],
         request: &CaptionRequest,
-    ) -> Result<Vec<Caption>> {
+    ) -> Result<Vec<Vec<Caption>>> {
         let batch = image_embeds.dim(0)?;
+        anyhow::ensure!(streams.len() == batch, "one random stream per image");
         let prompt = self.prompt_ids(request.prompt.as_deref())?;
-        let text = &self.model.config.text_config;
-        let stopping = StoppingConfig::new(
-            prompt.len(),
-            request.max_new_tokens,
-            self.model.text_decoder.max_position_embeddings(),
-            vec![text.sep_token_id],
-        );
+        let limits = Limits {
+            max_positions: self.model.text_decoder.max_position_embeddings(),
+            eos_token_ids: vec![self.model.config.text_config.sep_token_id],
+        };
         let mut decoder = BlipCaptionDecoder {
             text_decoder: &self.model.text_decoder,
             state: self.model.decoder_state(image_embeds)?,
             device: self.device.clone(),
         };
-        let sequences = generate::greedy(&mut decoder, &vec![prompt; batch], &stopping)?;
-        sequences
+        let hypotheses = generate::generate(
+            &mut decoder,
+            &vec![prompt; batch],
+            streams,
+            &limits,
+            &request.generation,
+        )?;
+        hypotheses
             .into_iter()
-            .map(|ids| {
-                let text = self.codec.decode(&ids)?;
-                Ok(Caption { ids, text })
+            .map(|per_image| {
+                per_image
+                    .into_iter()
+                    .map(|h| {
+                        Ok(Caption {
+                            text: self.codec.decode(&h.ids)?,
+                            ids: h.ids,
+                            score: h.score,
+                        })
+                    })
+                    .collect()
             })
             .collect()
     }

@@ -9,9 +9,10 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::generate::{EarlyStopping, GenerationDefaults};
 use crate::hub;
 use crate::image::LoadOptions;
-use crate::output::{self, Format, Outcome, Record};
+use crate::output::{self, CaptionOutput, Format, Outcome, Record};
 use crate::registry::Registry;
 use crate::{CaptionRequest, Captioner, RuntimeOptions};
 
@@ -46,8 +47,61 @@ pub struct CaptionArgs {
     pub prompt: Option<String>,
 
     /// Generate at most this many new tokens [default: 20, within the model's position limit].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", help_heading = "Decoding")]
     pub max_tokens: Option<usize>,
+
+    /// Generate at least this many new tokens before the caption may end.
+    #[arg(long, value_name = "N", help_heading = "Decoding")]
+    pub min_tokens: Option<usize>,
+
+    /// Beam search with N beams (1: greedy) [default: 1].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), help_heading = "Decoding")]
+    pub beams: Option<u32>,
+
+    /// Beam search: score = log-prob / length^P; above 0 favours longer captions [default: 1.0].
+    #[arg(
+        long,
+        value_name = "P",
+        allow_negative_numbers = true,
+        help_heading = "Decoding"
+    )]
+    pub length_penalty: Option<f32>,
+
+    /// Beam search stopping rule: false (transformers' heuristic), true (as soon as N captions finished), never [default: false].
+    #[arg(long, value_enum, help_heading = "Decoding")]
+    pub early_stopping: Option<EarlyStopping>,
+
+    /// Print the N best captions of the beam search, best first [default: 1].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), help_heading = "Decoding")]
+    pub num_return: Option<u32>,
+
+    /// Sample tokens instead of taking the most likely one.
+    #[arg(long, help_heading = "Decoding")]
+    pub sample: bool,
+
+    /// Sampling temperature (below 1: closer to greedy).
+    #[arg(long, value_name = "T", help_heading = "Decoding")]
+    pub temperature: Option<f32>,
+
+    /// Sample only among the K most likely tokens; 0 turns this off [default: 50].
+    #[arg(long, value_name = "K", help_heading = "Decoding")]
+    pub top_k: Option<usize>,
+
+    /// Sample only among the most likely tokens whose probabilities add up to P.
+    #[arg(long, value_name = "P", help_heading = "Decoding")]
+    pub top_p: Option<f32>,
+
+    /// Seed for --sample: the same seed gives the same captions, whatever the batch size.
+    #[arg(long, default_value_t = 0, help_heading = "Decoding")]
+    pub seed: u64,
+
+    /// Penalise tokens already in the caption (or prompt): above 1 discourages repetition.
+    #[arg(long, value_name = "P", help_heading = "Decoding")]
+    pub repetition_penalty: Option<f32>,
+
+    /// Never repeat an N-token sequence ("bald bald bald").
+    #[arg(long, value_name = "N", help_heading = "Decoding")]
+    pub no_repeat_ngram: Option<usize>,
 
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
@@ -154,6 +208,25 @@ fn list_models(registry: &Registry) -> Result<RunStatus> {
     Ok(RunStatus::AllGood)
 }
 
+/// The decoding settings the flags set; unset ones are left to the model's
+/// defaults (see [`GenerationDefaults`]).
+fn generation_flags(args: &CaptionArgs) -> GenerationDefaults {
+    GenerationDefaults {
+        max_new_tokens: args.max_tokens,
+        min_new_tokens: args.min_tokens,
+        num_beams: args.beams.map(|n| n as usize),
+        do_sample: args.sample.then_some(true),
+        length_penalty: args.length_penalty,
+        early_stopping: args.early_stopping.map(Into::into),
+        num_return_sequences: args.num_return.map(|n| n as usize),
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        repetition_penalty: args.repetition_penalty,
+        no_repeat_ngram_size: args.no_repeat_ngram,
+    }
+}
+
 /// `cpu`, `cuda`, `cuda:N` or `auto`.
 pub fn parse_device(spec: &str) -> Result<Device> {
     let cuda = |ordinal: usize| -> Result<Device> {
@@ -190,7 +263,10 @@ fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStatus> 
         device: parse_device(&args.device)?,
         dtype: args.dtype.dtype(),
     };
-    let (source, _entry) = crate::resolve_model(&args.model, registry)?;
+    let flags = generation_flags(args);
+    // Bad flag values fail before any download or model load.
+    flags.resolve(args.seed).validate()?;
+    let (source, entry) = crate::resolve_model(&args.model, registry)?;
     let files = hub::fetch(&source)?;
     let captioner = Captioner::load(&files, &runtime)?;
     if !args.quiet {
@@ -200,8 +276,14 @@ fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStatus> 
     }
     let request = CaptionRequest {
         prompt: args.prompt.clone(),
-        max_new_tokens: args.max_tokens,
+        // Flags, then the checkpoint's generation_config.json (where the
+        // family's transformers code applies it), then models.toml.
+        generation: flags
+            .or(captioner.generation_defaults())
+            .or(&entry.map(|e| e.generation.clone()).unwrap_or_default())
+            .resolve(args.seed),
     };
+    request.generation.validate()?;
     let load_options = LoadOptions {
         exif_rotate: !args.no_exif_rotate,
         ..LoadOptions::default()
@@ -209,14 +291,18 @@ fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStatus> 
     let stdout = std::io::stdout().lock();
     let mut writer = output::writer(args.format, stdout, args.images.len() > 1);
     let mut status = RunStatus::AllGood;
-    for chunk in args.images.chunks(args.batch_size as usize) {
+    let batch_size = args.batch_size as usize;
+    for (chunk_index, chunk) in args.images.chunks(batch_size).enumerate() {
         let mut loaded = Vec::with_capacity(chunk.len());
+        let mut streams = Vec::with_capacity(chunk.len());
         let mut records = Vec::with_capacity(chunk.len());
-        for path in chunk {
+        for (i, path) in chunk.iter().enumerate() {
             let shown = path.display().to_string();
             match crate::image::load_rgb8(path, &load_options) {
                 Ok(image) => {
                     loaded.push(image);
+                    // The image's position among the inputs names its random stream.
+                    streams.push((chunk_index * batch_size + i) as u64);
                     records.push((shown, None));
                 }
                 Err(err) => {
@@ -226,15 +312,31 @@ fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStatus> 
                 }
             }
         }
-        let mut captions = captioner.caption(&loaded, &request)?.into_iter();
+        let mut captions = captioner
+            .caption_with_streams(&loaded, &streams, &request)?
+            .into_iter();
+        let ranked = request.generation.num_return_sequences > 1;
         for (path, error) in records {
-            let outcome = match error {
-                Some(reason) => Outcome::Error(reason),
+            match error {
+                Some(reason) => writer.write(&Record {
+                    path,
+                    outcome: Outcome::Error(reason),
+                })?,
                 None => {
-                    Outcome::Caption(captions.next().expect("one caption per loaded image").text)
+                    let per_image = captions.next().expect("captions for every loaded image");
+                    for (rank, caption) in per_image.into_iter().enumerate() {
+                        let output = CaptionOutput {
+                            text: caption.text,
+                            rank: ranked.then_some(rank + 1),
+                            score: caption.score,
+                        };
+                        writer.write(&Record {
+                            path: path.clone(),
+                            outcome: Outcome::Caption(output),
+                        })?;
+                    }
                 }
-            };
-            writer.write(&Record { path, outcome })?;
+            }
         }
     }
     writer.finish()?;

@@ -9,12 +9,13 @@
 //! 3. Rescale: `uint8 -> float64 * rescale_factor -> float32`.
 //! 4. Normalise in float32: `(x - mean) / std` per channel.
 //!
-//! The result is channel-first `[3, height, width]` ([`pixel_values`]). The only inputs on which
-//! we knowingly differ from Pillow are JPEG files (a different decoder: `zune-jpeg` instead of
-//! libjpeg-turbo, off by one level on a small fraction of pixels) and 16-bit grayscale images
+//! The result is channel-first `[3, height, width]` ([`pixel_values`]). JPEG files are decoded
+//! with libjpeg-turbo's own C code, as Pillow decodes them, so they too give Pillow's pixels bit
+//! for bit. The only inputs on which we knowingly differ from Pillow are 16-bit grayscale images
 //! (Pillow clips them at 255; we scale them, see [`load::to_rgb8`]).
 
 mod config;
+mod jpeg;
 mod load;
 mod resample;
 
@@ -92,15 +93,17 @@ mod tests {
         // 255 / 255 = 1.0 exactly; (1 - 0.48145466f32) / 0.26862954f32 in f32.
         let expected = (1.0f32 - 0.481_454_66_f32) / 0.268_629_54_f32;
         assert_eq!(pixel_value(255, 0, &cfg), expected);
+        // transformers' OPENAI_CLIP_MEAN/STD as written there, parsed to f32.
+        let f = |s: &str| s.parse::<f32>().unwrap();
         assert_eq!(
             pixel_value(0, 2, &cfg),
-            (0.0f32 - 0.408_210_73_f32) / 0.275_777_11_f32
+            (0.0f32 - f("0.40821073")) / f("0.27577711")
         );
         // Rescale rounds once, after the f64 multiplication.
         let x = (3.0f64 / 255.0) as f32;
         assert_eq!(
             pixel_value(3, 1, &cfg),
-            (x - 0.457_827_5_f32) / 0.261_302_58_f32
+            (x - f("0.4578275")) / f("0.26130258")
         );
         let raw = PreprocessConfig {
             do_rescale: false,

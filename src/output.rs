@@ -5,17 +5,37 @@ use std::io::{self, Write};
 
 use serde::Serialize;
 
+/// One caption of an image.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaptionOutput {
+    pub text: String,
+    /// 1 for the best, when several captions are printed per image (`--num-return`).
+    pub rank: Option<usize>,
+    /// The beam-search score, when there is one.
+    pub score: Option<f32>,
+}
+
+impl From<&str> for CaptionOutput {
+    fn from(text: &str) -> Self {
+        Self {
+            text: text.to_string(),
+            rank: None,
+            score: None,
+        }
+    }
+}
+
 /// The result for one input image.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Record {
     /// The path as the user gave it (or as found in a folder).
     pub path: String,
     pub outcome: Outcome,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Caption(String),
+    Caption(CaptionOutput),
     /// A one-line reason the image produced nothing.
     Error(String),
 }
@@ -65,7 +85,7 @@ impl<W: Write> RecordWriter for TextWriter<W> {
             return Ok(());
         };
         // One line per record whatever the caption holds.
-        let caption = single_line(caption);
+        let caption = single_line(&caption.text);
         if self.several_inputs {
             writeln!(self.out, "{}\t{caption}", single_line(&record.path))?;
         } else {
@@ -90,19 +110,30 @@ struct JsonRecord<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     caption: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    rank: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    score: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a str>,
 }
 
 impl<'a> From<&'a Record> for JsonRecord<'a> {
     fn from(record: &'a Record) -> Self {
-        let (caption, error) = match &record.outcome {
-            Outcome::Caption(c) => (Some(c.as_str()), None),
-            Outcome::Error(e) => (None, Some(e.as_str())),
-        };
-        Self {
-            path: &record.path,
-            caption,
-            error,
+        match &record.outcome {
+            Outcome::Caption(c) => Self {
+                path: &record.path,
+                caption: Some(&c.text),
+                rank: c.rank,
+                score: c.score,
+                error: None,
+            },
+            Outcome::Error(e) => Self {
+                path: &record.path,
+                caption: None,
+                rank: None,
+                score: None,
+                error: Some(e),
+            },
         }
     }
 }

@@ -20,6 +20,17 @@ pub enum Family {
 }
 
 impl Family {
+    /// Whether transformers' `generate()` for this family applies the
+    /// checkpoint's generation_config.json. BLIP's does not: its `generate`
+    /// hands over to the text decoder, whose generation config is built from
+    /// the text config, so the top-level file never reaches it (checked on
+    /// transformers 5.23 with a max_length there: ignored).
+    pub fn applies_generation_config(self) -> bool {
+        match self {
+            Self::Blip => false,
+        }
+    }
+
     /// The family of a checkpoint from its config.json `architectures`.
     pub fn from_architectures(architectures: &[String]) -> Option<Self> {
         architectures.iter().find_map(|a| match a.as_str() {
@@ -62,6 +73,10 @@ pub struct Entry {
     pub task: Task,
     #[serde(default)]
     pub description: String,
+    /// Decoding defaults for this alias (`[alias.generation]`, transformers'
+    /// field names), below the flags and the checkpoint's generation_config.json.
+    #[serde(default)]
+    pub generation: crate::generate::GenerationDefaults,
 }
 
 impl Entry {
@@ -134,5 +149,19 @@ mod tests {
         )
         .unwrap_err();
         assert!(format!("{err:#}").contains("llama"), "{err:#}");
+    }
+
+    #[test]
+    fn an_alias_may_carry_decoding_defaults() {
+        let registry = Registry::parse(
+            "[x]\nrepo = \"a/b\"\nrevision = \"main\"\nfamily = \"blip\"\ntask = \"caption\"\n\
+             [x.generation]\nnum_beams = 3\nmax_new_tokens = 30\nearly_stopping = \"never\"\n",
+        )
+        .unwrap();
+        let defaults = &registry.get("x").unwrap().generation;
+        assert_eq!(defaults.num_beams, Some(3));
+        assert_eq!(defaults.max_new_tokens, Some(30));
+        let config = defaults.resolve(0);
+        assert_eq!(config.early_stopping, crate::generate::EarlyStopping::Never);
     }
 }

@@ -260,3 +260,163 @@ fn a_closed_pipe_ends_the_run_quietly() {
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     assert!(out.stderr.is_empty(), "{}", stderr(&out));
 }
+
+/// transformers' texts for a decoding setting recorded on `image`.
+fn reference_generation(setting: &str, image: &str) -> Vec<String> {
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("reference/blip-tiny-generate.json")).unwrap(),
+    )
+    .unwrap();
+    let case = json["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["setting"] == setting && c["image"] == image)
+        .unwrap_or_else(|| panic!("no recorded {setting} on {image}"));
+    serde_json::from_value(case["texts"].clone()).unwrap()
+}
+
+#[test]
+fn beam_flags_print_the_best_captions_ranked() {
+    let home = tempfile::tempdir().unwrap();
+    let best_two = |format: &str| {
+        caption(home.path())
+            .args([
+                "--beams",
+                "3",
+                "--num-return",
+                "2",
+                "--length-penalty",
+                "0.5",
+            ])
+            .args(["--format", format])
+            .arg("-m")
+            .arg(model_dir())
+            .arg(image("chelsea.png"))
+            .output()
+            .unwrap()
+    };
+    let out = best_two("jsonl");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let records: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let expected = reference_generation("beams3_lp0.5_return2", "chelsea.png");
+    assert_eq!(records.len(), 2);
+    for (i, (record, text)) in records.iter().zip(&expected).enumerate() {
+        assert_eq!(record["caption"], text.as_str());
+        assert_eq!(record["rank"], i + 1);
+        assert!(record["score"].as_f64().unwrap() < 0.0);
+    }
+    // Text mode: one line per returned caption.
+    let out = best_two("text");
+    assert_eq!(stdout(&out), format!("{}\n{}\n", expected[0], expected[1]));
+}
+
+#[test]
+fn repetition_and_ngram_flags_reach_the_decoder() {
+    let home = tempfile::tempdir().unwrap();
+    for (flags, setting) in [
+        (&["--repetition-penalty", "1.5"][..], "greedy_repetition1.5"),
+        (&["--no-repeat-ngram", "2"][..], "greedy_ngram2"),
+        (&["--min-tokens", "12"][..], "greedy_min_new12"),
+        (&["--max-tokens", "5"][..], "greedy_max5"),
+    ] {
+        let out = caption(home.path())
+            .args(flags)
+            .arg("-m")
+            .arg(model_dir())
+            .arg(image("one_pixel.png"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        let expected = reference_generation(setting, "one_pixel.png");
+        assert_eq!(stdout(&out), format!("{}\n", expected[0]), "{flags:?}");
+    }
+}
+
+#[test]
+fn sampling_with_a_seed_is_the_same_for_every_batch_size() {
+    let home = tempfile::tempdir().unwrap();
+    let images = ["chelsea.png", "rgba.png", "one_pixel.png", "wide.png"].map(image);
+    let run = |batch: &str, seed: &str| {
+        let out = caption(home.path())
+            .args([
+                "--sample",
+                "--temperature",
+                "1.5",
+                "--seed",
+                seed,
+                "--batch-size",
+                batch,
+            ])
+            .arg("-m")
+            .arg(model_dir())
+            .args(&images)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        stdout(&out)
+    };
+    let one = run("1", "7");
+    assert_eq!(one.lines().count(), 4);
+    assert_eq!(run("3", "7"), one);
+    assert_eq!(run("4", "7"), one);
+    assert_ne!(run("1", "8"), one);
+}
+
+#[test]
+fn impossible_decoding_settings_are_usage_errors() {
+    let home = tempfile::tempdir().unwrap();
+    for flags in [
+        &["--num-return", "3"][..],
+        &["--sample", "--beams", "2"][..],
+        &["--sample", "--temperature", "0"][..],
+        &["--sample", "--top-p", "1.5"][..],
+    ] {
+        let out = caption(home.path())
+            .args(flags)
+            .arg("-m")
+            .arg(model_dir())
+            .arg(image("chelsea.png"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{flags:?}");
+        let err = stderr(&out);
+        assert_eq!(err.lines().count(), 1, "{flags:?}: {err}");
+        assert!(stdout(&out).is_empty());
+    }
+}
+
+/// transformers' BLIP never applies a checkpoint's generation_config.json (its
+/// generate() hands over to the text decoder, whose config is built from
+/// text_config); neither do we, and we say so.
+#[test]
+fn a_blip_generation_config_is_reported_and_not_applied() {
+    let home = tempfile::tempdir().unwrap();
+    let model = home.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for entry in std::fs::read_dir(model_dir()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    std::fs::write(
+        model.join("generation_config.json"),
+        r#"{"num_beams": 3, "max_new_tokens": 2, "bos_token_id": 191}"#,
+    )
+    .unwrap();
+    let out = caption(home.path())
+        .arg("-m")
+        .arg(&model)
+        .arg(image("chelsea.png"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), format!("{}\n", reference_text("chelsea.png")));
+    assert!(
+        stderr(&out).contains("generation_config.json"),
+        "{}",
+        stderr(&out)
+    );
+}

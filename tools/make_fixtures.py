@@ -18,6 +18,7 @@ recorded case; the smallest margin is written next to the outputs.
 
 import copy
 import json
+import sys
 import shutil
 from pathlib import Path
 
@@ -298,6 +299,121 @@ def legacy_texts(name: str, cases):
     return [processor.decode(c["ids"], skip_special_tokens=True) for c in cases]
 
 
+# Decoding settings whose transformers output the Rust engine must reproduce
+# (issue: beam search, sampling controls). Name -> generate() kwargs.
+GENERATION_SETTINGS = {
+    "beams3": dict(num_beams=3),
+    "beams5": dict(num_beams=5),
+    "beams3_lp0.5": dict(num_beams=3, length_penalty=0.5),
+    "beams3_lp2.0": dict(num_beams=3, length_penalty=2.0),
+    "beams3_early_true": dict(num_beams=3, early_stopping=True),
+    "beams3_early_never": dict(num_beams=3, early_stopping="never"),
+    "beams3_return2": dict(num_beams=3, num_return_sequences=2),
+    "beams4_lp0.5_never_return3": dict(num_beams=4, length_penalty=0.5, early_stopping="never", num_return_sequences=3),
+    "greedy_repetition1.5": dict(repetition_penalty=1.5),
+    "greedy_ngram2": dict(no_repeat_ngram_size=2),
+    "beams3_ngram2": dict(num_beams=3, no_repeat_ngram_size=2),
+    "beams3_repetition1.5": dict(num_beams=3, repetition_penalty=1.5),
+    "greedy_min_new12": dict(min_new_tokens=12),
+    "beams3_min_new12_max16": dict(num_beams=3, min_new_tokens=12, max_new_tokens=16),
+    "greedy_max5": dict(max_new_tokens=5),
+    # Length penalties below 1 favour short hypotheses, so EOS-finished beams
+    # exist early and the stopping rules (heuristic, True, "never") decide.
+    "beams3_lp0.5_early_true": dict(num_beams=3, length_penalty=0.5, early_stopping=True),
+    "beams3_lp0.5_early_never": dict(num_beams=3, length_penalty=0.5, early_stopping="never"),
+    "beams5_lp0.5": dict(num_beams=5, length_penalty=0.5),
+    "beams3_lp0.5_return2": dict(num_beams=3, length_penalty=0.5, num_return_sequences=2),
+    "beams4_lp0.0": dict(num_beams=4, length_penalty=0.0),
+    "beams4_lp0.0_early_true": dict(num_beams=4, length_penalty=0.0, early_stopping=True),
+    "beams2_lp0.5_max8": dict(num_beams=2, length_penalty=0.5, max_new_tokens=8),
+}
+GENERATION_IMAGES = ["astronaut.jpg", "chelsea.png", "rocket.jpg", "rgba.png", "one_pixel.png", "wide.png"]
+NOISE = 1e-3
+
+
+class Jitter:
+    """A logits processor that adds uniform noise of +-NOISE: a decision that
+    survives it is not a near-tie that float error could flip."""
+
+    def __init__(self, generator):
+        self.generator = generator
+
+    def __call__(self, input_ids, scores):
+        noise = (torch.rand(scores.shape, generator=self.generator) * 2 - 1) * NOISE
+        return scores + noise
+
+
+def record_generation(name: str, model, processor, cases):
+    """transformers' outputs for each decoding setting, from the image_embeds
+    recorded in cases (so JPEG decoding plays no part)."""
+    from transformers import LogitsProcessorList
+
+    # The key each prompt-less case's tensors are saved under (see save_reference).
+    embeds_of = {c["image"]: (f"case{i}", c) for i, c in enumerate(cases) if c["prompt"] is None}
+    # The same model in float64: its beam scores are what float32 approximates,
+    # so a test can hold ours to the accuracy of transformers' own.
+    model64 = copy.deepcopy(model).double()
+    records = []
+    for setting, kwargs in GENERATION_SETTINGS.items():
+        for image in GENERATION_IMAGES:
+            key, case = embeds_of[image]
+            pixel_values = torch.tensor(case["pixel_values"])[None]
+            out = model.generate(
+                pixel_values=pixel_values,
+                output_scores=True,
+                return_dict_in_generate=True,
+                **kwargs,
+            )
+            sequences = [seq.tolist() for seq in out.sequences]
+            eos = model.config.text_config.sep_token_id
+            sequences = [strip_padding(seq, eos) for seq in sequences]
+            stable = True
+            for trial in range(4):
+                generator = torch.Generator().manual_seed(trial)
+                noisy = model.generate(
+                    pixel_values=pixel_values,
+                    logits_processor=LogitsProcessorList([Jitter(generator)]),
+                    **kwargs,
+                )
+                if [strip_padding(seq.tolist(), eos) for seq in noisy] != sequences:
+                    stable = False
+            exact = model64.generate(
+                pixel_values=pixel_values.double(), output_scores=True, return_dict_in_generate=True, **kwargs
+            )
+            if [strip_padding(seq.tolist(), eos) for seq in exact.sequences] != sequences:
+                stable = False
+            beam = getattr(out, "sequences_scores", None) is not None
+            scores = out.sequences_scores.tolist() if beam else None
+            scores_f64 = exact.sequences_scores.tolist() if beam else None
+            records.append(
+                dict(
+                    setting=setting,
+                    kwargs=kwargs,
+                    image=image,
+                    embeds_key=key,
+                    sequences=sequences,
+                    texts=[processor.decode(seq, skip_special_tokens=True) for seq in sequences],
+                    scores=scores,
+                    scores_f64=scores_f64,
+                    stable_under_noise=stable,
+                )
+            )
+    kept = [r for r in records if r["stable_under_noise"]]
+    print(f"generation cases: {len(kept)} of {len(records)} stable under +-{NOISE} noise and in float64")
+    meta = dict(noise=NOISE, transformers=transformers.__version__, cases=kept)
+    (REFERENCE / f"{name}-generate.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def strip_padding(seq, eos, prompt_len=1):
+    """transformers pads the shorter sequences it returns together (with the
+    pad id, or EOS where the decoder has none); a sequence ends at its first
+    EOS after the prompt."""
+    for i in range(prompt_len, len(seq)):
+        if seq[i] == eos:
+            return seq[: i + 1]
+    return seq
+
+
 def main():
     torch.set_num_threads(2)
     work = MODELS / "_tokenizer"
@@ -306,6 +422,12 @@ def main():
     processor = BlipProcessor(image_processor=image_processor, tokenizer=tokenizer)
 
     name = "blip-tiny"
+    if "--generation-only" in sys.argv:
+        # Decoding references for the committed model, without rebuilding it.
+        model = BlipForConditionalGeneration.from_pretrained(MODELS / name).eval()
+        processor = BlipProcessor.from_pretrained(MODELS / name)
+        record_generation(name, model, processor, run_cases(model, processor))
+        return
     for seed in range(200):
         model = make_model(seed, tokenizer, processor)
         cases = run_cases(model, processor)
@@ -331,6 +453,7 @@ def main():
         case["legacy_text"] = text
     add_float64_reference(reloaded, recheck)
     save_reference(name, reloaded, recheck, seed)
+    record_generation(name, reloaded, reprocessor, recheck)
     for case in recheck:
         print(f"  {case['image']:16} {str(case['prompt']):14} margin {case['min_margin']:.3f}  {case['text']!r}")
 

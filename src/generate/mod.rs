@@ -1,13 +1,22 @@
-//! The one decoding loop every model family uses.
+//! The one decoding engine every model family uses.
 //!
 //! A model plugs in through [`Decoder`]: a forward step over a batch of
-//! sequences with a cache it keeps itself, and a way to keep or reorder the
-//! batch rows of that cache. Semantics follow transformers' `generate()`
-//! (generation/utils.py); where a choice matters for parity, the comment says
-//! which part of transformers it mirrors.
+//! sequences with a cache it keeps itself, and a way to keep, repeat or reorder
+//! the batch rows of that cache. Greedy decoding, sampling and beam search run
+//! over it with transformers 5's semantics (generation/utils.py `_sample` and
+//! `_beam_search`, generation/logits_process.py); where a choice matters for
+//! parity, the comment says which part of transformers it mirrors.
+
+mod beam;
+pub mod defaults;
+pub mod processors;
+mod sampling;
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
+
+pub use defaults::GenerationDefaults;
+pub use processors::LogitsSettings;
 
 /// A decoder that generation can drive.
 pub trait Decoder {
@@ -16,40 +25,104 @@ pub trait Decoder {
     /// `[batch, vocab]` in f32.
     fn step(&mut self, input_ids: &Tensor) -> Result<Tensor>;
 
-    /// Keeps only the batch rows named in `rows`, in that order (sequences that
-    /// are still running; surviving beams).
+    /// Makes batch row i a copy of the current row `rows[i]`: drops finished
+    /// sequences, repeats an image for its beams, reorders surviving beams.
     fn select_rows(&mut self, rows: &[u32]) -> Result<()>;
 
     fn device(&self) -> &Device;
 }
 
-/// When to stop, resolved for one `generate` call.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoppingConfig {
-    /// Total sequence length (prompt included) at which generation stops.
-    pub max_length: usize,
-    /// Tokens that end a sequence (kept as its last token).
-    pub eos_token_ids: Vec<u32>,
+/// transformers' `early_stopping` for beam search.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum EarlyStopping {
+    /// Stop when it is unlikely that better candidates will be found (transformers' heuristic).
+    #[default]
+    False,
+    /// Stop as soon as `beams` finished candidates exist.
+    True,
+    /// Stop only when no better candidate can exist (the canonical beam search).
+    Never,
 }
 
-impl StoppingConfig {
-    /// transformers' length rule (`_prepare_generated_length`): an explicit
-    /// `max_new_tokens` counts from the end of the prompt; the default is 20 new
-    /// tokens, capped at the model's position limit.
-    pub fn new(
-        prompt_len: usize,
-        max_new_tokens: Option<usize>,
-        max_positions: usize,
-        eos_token_ids: Vec<u32>,
-    ) -> Self {
-        let max_length = match max_new_tokens {
-            Some(n) => prompt_len + n,
-            None => (prompt_len + DEFAULT_MAX_NEW_TOKENS).min(max_positions),
-        };
+/// How to pick tokens, resolved for one `generate` call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationConfig {
+    /// New tokens at most; `None` is transformers' default (see [`max_length`]).
+    pub max_new_tokens: Option<usize>,
+    /// 1: greedy or sampling; more: beam search.
+    pub num_beams: usize,
+    /// Sample from the distribution instead of taking the most likely token.
+    pub do_sample: bool,
+    /// Beam search: a finished score is its summed log-prob / (new tokens ** length_penalty).
+    pub length_penalty: f32,
+    pub early_stopping: EarlyStopping,
+    /// Beam search: how many of the best finished sequences to return.
+    pub num_return_sequences: usize,
+    /// Sampling: the seed of every sequence's random stream.
+    pub seed: u64,
+    pub logits: LogitsSettings,
+}
+
+impl Default for GenerationConfig {
+    /// transformers' `GenerationConfig` defaults.
+    fn default() -> Self {
         Self {
-            max_length,
-            eos_token_ids,
+            max_new_tokens: None,
+            num_beams: 1,
+            do_sample: false,
+            length_penalty: 1.0,
+            early_stopping: EarlyStopping::False,
+            num_return_sequences: 1,
+            seed: 0,
+            logits: LogitsSettings::default(),
         }
+    }
+}
+
+impl GenerationConfig {
+    pub fn validate(&self) -> Result<()> {
+        anyhow::ensure!(self.num_beams >= 1, "beams must be at least 1");
+        anyhow::ensure!(
+            self.num_return_sequences >= 1,
+            "the number of returned sequences must be at least 1"
+        );
+        anyhow::ensure!(
+            self.num_return_sequences <= self.num_beams,
+            "cannot return {} sequences from {} beams: use --beams {} or more",
+            self.num_return_sequences,
+            self.num_beams,
+            self.num_return_sequences
+        );
+        anyhow::ensure!(
+            !(self.do_sample && self.num_beams > 1),
+            "sampling with beam search is not supported: use --sample or --beams, not both"
+        );
+        if let Some(t) = self.logits.temperature {
+            anyhow::ensure!(
+                t > 0.0 && t.is_finite(),
+                "temperature must be a positive number, got {t}"
+            );
+        }
+        if let Some(p) = self.logits.top_p {
+            anyhow::ensure!(p > 0.0 && p <= 1.0, "top-p must be in (0, 1], got {p}");
+        }
+        if let Some(p) = self.logits.repetition_penalty {
+            anyhow::ensure!(
+                p > 0.0 && p.is_finite(),
+                "repetition penalty must be positive, got {p}"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// transformers' length rule (`_prepare_generated_length`): an explicit
+/// `max_new_tokens` counts from the end of the prompt; the default is 20 new
+/// tokens, capped at the model's position limit.
+pub fn max_length(prompt_len: usize, max_new_tokens: Option<usize>, max_positions: usize) -> usize {
+    match max_new_tokens {
+        Some(n) => prompt_len + n,
+        None => (prompt_len + DEFAULT_MAX_NEW_TOKENS).min(max_positions),
     }
 }
 
@@ -57,85 +130,150 @@ impl StoppingConfig {
 /// which is how `generate()` applies it when nobody sets a length.
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 20;
 
-/// Greedy decoding of a batch of prompts of equal length (transformers'
-/// `_sample` with `do_sample=False`). Returns each full sequence, prompt
-/// included, ending with its EOS token when it produced one.
-///
-/// Rows that finish leave the batch (transformers keeps computing them and
-/// pads): rows never interact, so the results are the same and the work shrinks.
-pub fn greedy(
+/// One generated sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hypothesis {
+    /// The full sequence, prompt included, ending with EOS if one was produced.
+    pub ids: Vec<u32>,
+    /// Beam search: the length-penalised score it was ranked by.
+    pub score: Option<f32>,
+}
+
+/// What the model contributes to a `generate` call besides its decoder.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// The decoder's position limit (prompt and new tokens together).
+    pub max_positions: usize,
+    /// Tokens that end a sequence.
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// Generates for a batch of prompts of equal length, one row of the decoder's
+/// batch per prompt. `streams[i]` names prompt i's random stream (its position
+/// in the whole run), so sampled text does not depend on how inputs are batched.
+/// Returns, per prompt, `num_return_sequences` hypotheses, best first.
+pub fn generate(
     decoder: &mut impl Decoder,
     prompts: &[Vec<u32>],
-    stopping: &StoppingConfig,
-) -> Result<Vec<Vec<u32>>> {
+    streams: &[u64],
+    limits: &Limits,
+    config: &GenerationConfig,
+) -> Result<Vec<Vec<Hypothesis>>> {
+    config.validate()?;
     let Some(prompt_len) = prompts.first().map(Vec::len) else {
         return Ok(vec![]);
     };
     anyhow::ensure!(
-        prompts.iter().all(|p| p.len() == prompt_len) && prompt_len > 0,
-        "greedy decoding needs non-empty prompts of equal length"
+        prompt_len > 0 && prompts.iter().all(|p| p.len() == prompt_len),
+        "generation needs non-empty prompts of equal length"
     );
-    let mut sequences: Vec<Vec<u32>> = prompts.to_vec();
-    // `running[i]` is the index in `sequences` of batch row i.
-    let mut running: Vec<usize> = (0..prompts.len()).collect();
-    let mut input = Tensor::new(prompts.to_vec(), decoder.device())?;
-    let mut len = prompt_len;
-    while len < stopping.max_length && !running.is_empty() {
-        let logits = decoder.step(&input)?;
-        let next: Vec<u32> = logits.argmax(candle_core::D::Minus1)?.to_vec1()?;
-        let mut still_running = Vec::with_capacity(running.len());
-        let mut kept_rows = Vec::with_capacity(running.len());
-        for (row, (&seq, &token)) in running.iter().zip(&next).enumerate() {
-            sequences[seq].push(token);
-            if !stopping.eos_token_ids.contains(&token) {
-                still_running.push(seq);
-                kept_rows.push(row as u32);
-            }
-        }
-        len += 1;
-        if still_running.len() < running.len() && !still_running.is_empty() {
-            decoder.select_rows(&kept_rows)?;
-        }
-        let last: Vec<u32> = still_running
-            .iter()
-            .map(|&s| *sequences[s].last().expect("sequences are never empty"))
-            .collect();
-        running = still_running;
-        if !running.is_empty() {
-            input = Tensor::new(last, decoder.device())?.unsqueeze(1)?;
+    anyhow::ensure!(
+        streams.len() == prompts.len(),
+        "one random stream per prompt"
+    );
+    let max_length = max_length(prompt_len, config.max_new_tokens, limits.max_positions);
+    anyhow::ensure!(
+        prompt_len <= limits.max_positions,
+        "the prompt is {prompt_len} tokens, more than the model's {} positions",
+        limits.max_positions
+    );
+    let search = Search {
+        prompt_len,
+        max_length,
+        eos: &limits.eos_token_ids,
+        config,
+    };
+    if config.num_beams > 1 {
+        beam::beam_search(decoder, prompts, &search)
+    } else {
+        let sequences = sampling::sample_or_greedy(decoder, prompts, streams, &search)?;
+        Ok(sequences
+            .into_iter()
+            .map(|ids| vec![Hypothesis { ids, score: None }])
+            .collect())
+    }
+}
+
+/// The fixed facts of one search.
+struct Search<'a> {
+    prompt_len: usize,
+    max_length: usize,
+    eos: &'a [u32],
+    config: &'a GenerationConfig,
+}
+
+/// Log-softmax of each row of `logits` ([rows, vocab], row-major), in place,
+/// in f32 like torch's `log_softmax` on f32 logits.
+fn log_softmax_rows(logits: &mut [f32], vocab: usize) {
+    for row in logits.chunks_mut(vocab) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = row.iter().map(|&x| (x - max).exp()).sum();
+        let log_sum = sum.ln();
+        for x in row.iter_mut() {
+            *x = *x - max - log_sum;
         }
     }
-    Ok(sequences)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A decoder whose next token is a fixed function of the row's last token,
-    /// so the loop's bookkeeping can be checked by hand.
-    struct TableDecoder {
-        vocab: usize,
-        /// `next[t]` is the token that follows `t`.
-        next: Vec<u32>,
-        rows: Vec<u32>,
-        calls: Vec<usize>,
+    #[test]
+    fn default_length_is_twenty_new_tokens_capped_by_positions() {
+        assert_eq!(max_length(4, None, 512), 24);
+        assert_eq!(max_length(4, None, 10), 10);
+        assert_eq!(max_length(4, Some(3), 10), 7);
+    }
+
+    #[test]
+    fn log_softmax_rows_normalise_each_row() {
+        let mut rows = vec![1.0, 2.0, 3.0, 0.0, 0.0, 0.0];
+        log_softmax_rows(&mut rows, 3);
+        for row in rows.chunks(3) {
+            let total: f32 = row.iter().map(|x| x.exp()).sum();
+            assert!((total - 1.0).abs() < 1e-6);
+        }
+        assert!((rows[3] - (1.0f32 / 3.0).ln()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn invalid_combinations_are_rejected() {
+        let mut config = GenerationConfig {
+            num_beams: 2,
+            num_return_sequences: 3,
+            ..GenerationConfig::default()
+        };
+        assert!(config.validate().is_err());
+        config.num_return_sequences = 2;
+        assert!(config.validate().is_ok());
+        config.do_sample = true;
+        assert!(config.validate().is_err());
+    }
+}
+
+/// A test decoder whose logits are a fixed function of each row's last token,
+/// so the search bookkeeping can be checked by hand.
+#[cfg(test)]
+pub(crate) mod table {
+    use super::*;
+
+    pub struct TableDecoder {
+        /// `table[t]` is the logit row that follows token `t`.
+        pub table: Vec<Vec<f32>>,
+        pub batch_sizes: Vec<usize>,
     }
 
     impl Decoder for TableDecoder {
         fn step(&mut self, input_ids: &Tensor) -> Result<Tensor> {
             let ids: Vec<Vec<u32>> = input_ids.to_vec2()?;
-            self.calls.push(ids.len());
-            self.rows = ids.iter().map(|r| *r.last().unwrap()).collect();
-            let mut logits = vec![0f32; ids.len() * self.vocab];
-            for (i, &last) in self.rows.iter().enumerate() {
-                logits[i * self.vocab + self.next[last as usize] as usize] = 1.0;
-            }
-            Ok(Tensor::from_vec(
-                logits,
-                (ids.len(), self.vocab),
-                &Device::Cpu,
-            )?)
+            self.batch_sizes.push(ids.len());
+            let vocab = self.table[0].len();
+            let rows: Vec<f32> = ids
+                .iter()
+                .flat_map(|r| self.table[*r.last().unwrap() as usize].clone())
+                .collect();
+            Ok(Tensor::from_vec(rows, (ids.len(), vocab), &Device::Cpu)?)
         }
         fn select_rows(&mut self, _rows: &[u32]) -> Result<()> {
             Ok(())
@@ -143,33 +281,5 @@ mod tests {
         fn device(&self) -> &Device {
             &Device::Cpu
         }
-    }
-
-    fn decoder() -> TableDecoder {
-        // 1 -> 2 -> 3 -> 0(eos); 4 -> 4 forever
-        TableDecoder {
-            vocab: 5,
-            next: vec![0, 2, 3, 0, 4],
-            rows: vec![],
-            calls: vec![],
-        }
-    }
-
-    #[test]
-    fn stops_each_row_on_eos_and_drops_it_from_the_batch() {
-        let mut dec = decoder();
-        let stop = StoppingConfig::new(1, Some(6), 512, vec![0]);
-        let out = greedy(&mut dec, &[vec![1], vec![4]], &stop).unwrap();
-        assert_eq!(out[0], vec![1, 2, 3, 0]);
-        assert_eq!(out[1], vec![4, 4, 4, 4, 4, 4, 4]);
-        // Both rows for three steps, then only the row still running.
-        assert_eq!(dec.calls, vec![2, 2, 2, 1, 1, 1]);
-    }
-
-    #[test]
-    fn default_length_is_twenty_new_tokens_capped_by_positions() {
-        assert_eq!(StoppingConfig::new(4, None, 512, vec![]).max_length, 24);
-        assert_eq!(StoppingConfig::new(4, None, 10, vec![]).max_length, 10);
-        assert_eq!(StoppingConfig::new(4, Some(3), 10, vec![]).max_length, 7);
     }
 }

@@ -2,9 +2,10 @@
 //!
 //! transformers opens the file with Pillow and calls `convert_to_rgb`: images with an alpha band
 //! (or a PNG/GIF transparency entry) are alpha-composited over opaque white with Pillow's integer
-//! arithmetic, everything else goes through `image.convert("RGB")`. We decode with the `image`
-//! crate and reproduce that conversion per pixel format; see [`to_rgb8`] for the details and the
-//! one deliberate deviation (16-bit grayscale).
+//! arithmetic, everything else goes through `image.convert("RGB")`. We decode JPEG with
+//! libjpeg-turbo's C code, as Pillow does, and get its pixels bit for bit (see `jpeg.rs`); every
+//! other format with the `image` crate, reproducing Pillow's conversion per pixel format; see
+//! [`to_rgb8`] for the details and the one deliberate deviation (16-bit grayscale).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Cursor, Seek};
@@ -95,8 +96,7 @@ fn decode_reader<R: BufRead + Seek>(
         .with_guessed_format()
         .map_err(ImageError::Io)?;
     match reader.format() {
-        // The JPEG decoder reads the whole file into memory anyway; we need the bytes too, to
-        // detect truncation (see `jpeg_is_truncated`).
+        // libjpeg decodes from memory (Pillow's decoder, bit for bit; see `jpeg.rs`).
         Some(ImageFormat::Jpeg) => {
             let owned;
             let bytes = match whole {
@@ -111,8 +111,7 @@ fn decode_reader<R: BufRead + Seek>(
                     &owned
                 }
             };
-            let reader = ImageReader::with_format(Cursor::new(bytes), ImageFormat::Jpeg);
-            return decode_with(reader, Some(bytes), opts);
+            return super::jpeg::decode(bytes, opts);
         }
         Some(_) => {}
         // TGA files have no magic number; trust the extension for them only.
@@ -123,34 +122,17 @@ fn decode_reader<R: BufRead + Seek>(
             )))
         }
     }
-    decode_with(reader, None, opts)
+    decode_with(reader, opts)
 }
 
 fn decode_with<R: BufRead + Seek>(
     reader: ImageReader<R>,
-    jpeg: Option<&[u8]>,
     opts: &LoadOptions,
 ) -> Result<RgbImage, ImageError> {
     // Opening the decoder reads only the header; nothing image-sized is allocated yet.
     let mut decoder = reader.into_decoder().map_err(from_image_error)?;
     let (width, height) = decoder.dimensions();
-    if u64::from(width) * u64::from(height) > opts.max_pixels {
-        return Err(ImageError::TooLarge {
-            width,
-            height,
-            limit: opts.max_pixels,
-        });
-    }
-    if width == 0 || height == 0 {
-        return Err(ImageError::Corrupt(format!(
-            "{width}x{height} image has no pixels"
-        )));
-    }
-    if jpeg.is_some_and(jpeg_is_truncated) {
-        return Err(ImageError::Corrupt(
-            "JPEG data ends before its end-of-image marker (truncated file)".into(),
-        ));
-    }
+    check_dimensions(width, height, opts)?;
     // A malformed EXIF block should not make a good picture unreadable (Pillow's exif_transpose
     // is just as forgiving), so orientation errors mean "no transform".
     let orientation = if opts.exif_rotate {
@@ -163,44 +145,6 @@ fn decode_with<R: BufRead + Seek>(
     let mut image = DynamicImage::from_decoder(decoder).map_err(from_image_error)?;
     image.apply_orientation(orientation);
     Ok(to_rgb8(image))
-}
-
-/// zune-jpeg (which `image` runs in non-strict mode) decodes a JPEG that stops half way as if
-/// the rest were flat grey, without an error. Pillow refuses such a file ("image file is
-/// truncated"), and a half-grey photo would get a confidently wrong caption, so we refuse it too.
-///
-/// A complete JPEG has an EOI marker (FF D9) after its first scan. We walk the marker segments
-/// up to the first SOS (start of scan) by their lengths, so that embedded EXIF thumbnails (which
-/// have their own EOI) are skipped, and then look for FF D9 in the rest: inside entropy-coded
-/// data every FF byte is followed by 00 or a restart marker, so FF D9 there is the real EOI.
-/// Anything we cannot follow is left to the decoder (returns false).
-pub(crate) fn jpeg_is_truncated(data: &[u8]) -> bool {
-    let mut i = 2; // after SOI
-    loop {
-        // Markers may be preceded by any number of FF fill bytes.
-        while i < data.len() && data[i] == 0xFF && data.get(i + 1) == Some(&0xFF) {
-            i += 1;
-        }
-        let (Some(&0xFF), Some(&marker)) = (data.get(i), data.get(i + 1)) else {
-            // Ran out of data (or lost sync) before the first scan.
-            return i >= data.len().saturating_sub(1);
-        };
-        match marker {
-            0xD9 => return false,         // EOI before any scan: let the decoder judge it
-            0x01 | 0xD0..=0xD7 => i += 2, // stand-alone markers without a length
-            _ => {
-                let Some(len) = data.get(i + 2..i + 4) else {
-                    return true;
-                };
-                let len = usize::from(u16::from_be_bytes([len[0], len[1]]));
-                if marker == 0xDA {
-                    let scan = data.get(i + 2 + len..).unwrap_or(&[]);
-                    return !scan.windows(2).any(|w| w == [0xFF, 0xD9]);
-                }
-                i += 2 + len;
-            }
-        }
-    }
 }
 
 /// Map the `image` crate's error to ours. Reads in decoders come from a file we opened or from
@@ -330,6 +274,28 @@ fn composite_rgba<T: Copy>(samples: &[T], to8: impl Fn(T) -> u8) -> Vec<u8> {
     out
 }
 
+/// Refuses, from the header's dimensions alone, an image with no pixels or with
+/// more than the limit (before anything image-sized is allocated).
+pub(crate) fn check_dimensions(
+    width: u32,
+    height: u32,
+    opts: &LoadOptions,
+) -> Result<(), ImageError> {
+    if u64::from(width) * u64::from(height) > opts.max_pixels {
+        return Err(ImageError::TooLarge {
+            width,
+            height,
+            limit: opts.max_pixels,
+        });
+    }
+    if width == 0 || height == 0 {
+        return Err(ImageError::Corrupt(format!(
+            "{width}x{height} image has no pixels"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -392,22 +358,6 @@ mod tests {
             image::ImageBuffer::from_raw(1, 1, vec![0x01ffu16, 0x8000, 0xff00]).unwrap(),
         );
         assert_eq!(to_rgb8(rgb16).into_raw(), vec![1, 0x80, 0xff]);
-    }
-
-    #[test]
-    fn jpeg_truncation_detection() {
-        // SOI, APP1 whose payload contains FF D9 (like an EXIF thumbnail), SOS, data, EOI.
-        let head = [
-            0xFF, 0xD8, 0xFF, 0xE1, 0x00, 0x06, 0xFF, 0xD9, 0x00, 0x00, 0xFF, 0xDA, 0x00, 0x04,
-            0x01, 0x02,
-        ];
-        let body = [0x12, 0xFF, 0x00, 0x34, 0xFF, 0xD0, 0x56];
-        let full = [&head[..], &body, &[0xFF, 0xD9]].concat();
-        assert!(!jpeg_is_truncated(&full));
-        assert!(jpeg_is_truncated(&[&head[..], &body].concat()));
-        assert!(jpeg_is_truncated(&head[..8])); // ends inside the headers
-                                                // An EOI before any scan, and garbage: left to the decoder.
-        assert!(!jpeg_is_truncated(&[0xFF, 0xD8, 0xFF, 0xD9]));
     }
 
     #[test]

@@ -3,10 +3,11 @@
 //! transformers' PIL backend resizes with `PIL.Image.resize((w, h), resample)` on the 8-bit RGB
 //! image, so to feed BLIP the same `pixel_values` we must reproduce Pillow's integer arithmetic,
 //! not merely "a bicubic filter". The algorithm (Pillow `libImaging/Resample.c`, unchanged in
-//! substance from Pillow 4.x to 13.0) is:
+//! substance since Pillow 4.x, pass order as of 13.0) is:
 //!
-//! * Separable: a horizontal pass first, then a vertical pass, each only when that axis changes
-//!   size. The intermediate image is 8-bit, i.e. clipped and rounded between the passes.
+//! * Separable: a horizontal pass, then a vertical pass, each only when that axis changes size
+//!   (Pillow 13 swaps the order when the height shrinks by more than twice as many pixels as the
+//!   width). The intermediate image is 8-bit, i.e. clipped and rounded between the passes.
 //! * For every output index the filter is centred on `(i + 0.5) * scale` in input coordinates;
 //!   when shrinking, the filter is stretched by the scale (support and argument), which turns it
 //!   into a proper low-pass filter. Taps are evaluated in `f64`, then normalised to sum to 1.
@@ -264,92 +265,144 @@ pub fn resize(image: &RgbImage, width: u32, height: u32, filter: Resample) -> Rg
 
     let need_horizontal = width != in_w;
     let need_vertical = height != in_h;
-    let horizontal = Taps::new(in_w, width, filter);
-    let mut vertical = Taps::new(in_h, height, filter);
+    // Pillow 13 (`ImagingResampleInner`) runs the vertical pass first when the height loses
+    // more than twice as many pixels as the width does, to make the second pass cheaper. The
+    // order matters for the result because the intermediate image is rounded to 8 bits.
+    let (dx, dy) = (
+        i64::from(in_w) - i64::from(width),
+        i64::from(in_h) - i64::from(height),
+    );
+    let horizontal_first = !(dy > 0 && dy > dx * 2);
 
-    // Only the input rows that some output row reads need the horizontal pass.
-    let first_row = vertical.bounds[0].0;
-    let last_row = {
-        let (start, count) = vertical.bounds[vertical.bounds.len() - 1];
-        start + count
-    };
-
-    let src = image.as_raw();
-    let mut rows: Vec<u8>;
-    let (mut cur, mut cur_w) = (src.as_slice(), in_w as usize);
-    if need_horizontal {
-        for b in &mut vertical.bounds {
-            b.0 -= first_row;
+    let src = image.as_raw().as_slice();
+    let (w, h) = (width as usize, height as usize);
+    let (in_w, in_h) = (in_w as usize, in_h as usize);
+    let out = if horizontal_first {
+        let mut vertical = Taps::new(in_h as u32, height, filter);
+        if need_horizontal {
+            // Only the input rows that some output row reads go through the horizontal pass.
+            let first = vertical.bounds[0].0;
+            let last = vertical
+                .bounds
+                .last()
+                .map_or(first, |&(start, n)| start + n);
+            for b in &mut vertical.bounds {
+                b.0 -= first;
+            }
+            let horizontal = Taps::new(in_w as u32, width, filter);
+            let rows = &src[first * in_w * 3..last * in_w * 3];
+            let tmp = horizontal_pass(rows, in_w, &horizontal, w);
+            if need_vertical {
+                vertical_pass(&tmp, w, &vertical)
+            } else {
+                tmp
+            }
+        } else {
+            vertical_pass(src, in_w, &vertical)
         }
-        let row_len = in_w as usize * 3;
-        rows = vec![0u8; width as usize * 3 * (last_row - first_row)];
-        horizontal_pass(
-            &src[first_row * row_len..last_row * row_len],
-            in_w as usize,
-            &horizontal,
-            &mut rows,
-            width as usize,
-        );
-        cur = rows.as_slice();
-        cur_w = width as usize;
-    }
-    let out = if need_vertical {
-        let mut out = vec![0u8; cur_w * 3 * height as usize];
-        vertical_pass(cur, cur_w, &vertical, &mut out);
-        out
     } else {
-        cur.to_vec()
+        // Only reached when the height shrinks, so there always is a vertical pass.
+        let vertical = Taps::new(in_h as u32, height, filter);
+        let tmp = vertical_pass(src, in_w, &vertical);
+        if need_horizontal {
+            horizontal_pass(&tmp, in_w, &Taps::new(in_w as u32, width, filter), w)
+        } else {
+            tmp
+        }
     };
+    debug_assert_eq!(out.len(), w * h * 3);
     RgbImage::from_raw(width, height, out).expect("buffer size matches dimensions")
 }
 
-/// Horizontal convolution of every row of `src` (`in_w` RGB pixels per row) into `dst`.
-fn horizontal_pass(src: &[u8], in_w: usize, taps: &Taps, dst: &mut [u8], out_w: usize) {
-    let fixed = taps.fixed();
-    let ksize = taps.ksize;
-    for (src_row, dst_row) in src
-        .chunks_exact(in_w * 3)
-        .zip(dst.chunks_exact_mut(out_w * 3))
-    {
-        for (xx, out_px) in dst_row.chunks_exact_mut(3).enumerate() {
-            let (xmin, count) = taps.bounds[xx];
-            let k = &fixed[xx * ksize..xx * ksize + count];
-            let window = &src_row[xmin * 3..(xmin + count) * 3];
-            let (mut r, mut g, mut b) = (HALF, HALF, HALF);
-            for (&w, px) in k.iter().zip(window.chunks_exact(3)) {
-                r += i32::from(px[0]) * w;
-                g += i32::from(px[1]) * w;
-                b += i32::from(px[2]) * w;
-            }
-            out_px[0] = clip8(r);
-            out_px[1] = clip8(g);
-            out_px[2] = clip8(b);
-        }
+/// Below this many multiply-adds a pass runs on the calling thread.
+const PARALLEL_WORK: usize = 1 << 22;
+
+/// Fill `dst` (rows of `row_len` bytes) by calling `f(first_row, chunk)` on contiguous bands of
+/// rows, on several threads when there is enough `work`. Every output byte is computed by the
+/// same integer arithmetic whichever thread does it, so the result does not depend on this.
+fn for_row_bands(dst: &mut [u8], row_len: usize, work: usize, f: impl Fn(usize, &mut [u8]) + Sync) {
+    let rows = dst.len().checked_div(row_len).unwrap_or(0);
+    let threads = if work < PARALLEL_WORK {
+        1
+    } else {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(rows)
+    };
+    if threads <= 1 {
+        f(0, dst);
+        return;
     }
+    let per = rows.div_ceil(threads);
+    std::thread::scope(|scope| {
+        for (i, band) in dst.chunks_mut(per * row_len).enumerate() {
+            let f = &f;
+            scope.spawn(move || f(i * per, band));
+        }
+    });
 }
 
-/// Vertical convolution: each output row is a weighted sum of consecutive input rows. Summing
-/// whole rows at a time keeps the inner loop contiguous; integer addition makes the result
-/// identical to Pillow's pixel-by-pixel order.
-fn vertical_pass(src: &[u8], width: usize, taps: &Taps, dst: &mut [u8]) {
+/// Horizontal convolution of every row of `src` (`in_w` RGB pixels per row) to `out_w` pixels.
+fn horizontal_pass(src: &[u8], in_w: usize, taps: &Taps, out_w: usize) -> Vec<u8> {
+    let rows = src.len() / (in_w * 3);
+    let mut dst = vec![0u8; rows * out_w * 3];
     let fixed = taps.fixed();
     let ksize = taps.ksize;
-    let row_len = width * 3;
-    let mut acc = vec![0i32; row_len];
-    for (yy, dst_row) in dst.chunks_exact_mut(row_len).enumerate() {
-        let (ymin, count) = taps.bounds[yy];
-        let k = &fixed[yy * ksize..yy * ksize + count];
-        acc.fill(HALF);
-        for (i, &w) in k.iter().enumerate() {
-            let row = &src[(ymin + i) * row_len..(ymin + i + 1) * row_len];
-            for (a, &v) in acc.iter_mut().zip(row) {
-                *a += i32::from(v) * w;
+    let work = rows * out_w * 3 * ksize;
+    for_row_bands(&mut dst, out_w * 3, work, |first, band| {
+        let src = &src[first * in_w * 3..];
+        for (src_row, dst_row) in src
+            .chunks_exact(in_w * 3)
+            .zip(band.chunks_exact_mut(out_w * 3))
+        {
+            for (xx, out_px) in dst_row.chunks_exact_mut(3).enumerate() {
+                let (xmin, count) = taps.bounds[xx];
+                let k = &fixed[xx * ksize..xx * ksize + count];
+                let window = &src_row[xmin * 3..(xmin + count) * 3];
+                let (mut r, mut g, mut b) = (HALF, HALF, HALF);
+                for (&w, px) in k.iter().zip(window.chunks_exact(3)) {
+                    r += i32::from(px[0]) * w;
+                    g += i32::from(px[1]) * w;
+                    b += i32::from(px[2]) * w;
+                }
+                out_px[0] = clip8(r);
+                out_px[1] = clip8(g);
+                out_px[2] = clip8(b);
             }
         }
-        for (d, &a) in dst_row.iter_mut().zip(&acc) {
-            *d = clip8(a);
+    });
+    dst
+}
+
+/// Vertical convolution of `src` (rows of `width` RGB pixels) to `taps.bounds.len()` rows: each
+/// output row is a weighted sum of consecutive input rows. Summing whole rows at a time keeps
+/// the inner loop contiguous; integer addition makes the result identical to Pillow's
+/// pixel-by-pixel order.
+fn vertical_pass(src: &[u8], width: usize, taps: &Taps) -> Vec<u8> {
+    let row_len = width * 3;
+    let mut dst = vec![0u8; taps.bounds.len() * row_len];
+    let fixed = taps.fixed();
+    let ksize = taps.ksize;
+    let work = dst.len() * ksize;
+    for_row_bands(&mut dst, row_len, work, |first, band| {
+        let mut acc = vec![0i32; row_len];
+        for (i, dst_row) in band.chunks_exact_mut(row_len).enumerate() {
+            let yy = first + i;
+            let (ymin, count) = taps.bounds[yy];
+            let k = &fixed[yy * ksize..yy * ksize + count];
+            acc.fill(HALF);
+            for (j, &w) in k.iter().enumerate() {
+                let row = &src[(ymin + j) * row_len..(ymin + j + 1) * row_len];
+                for (a, &v) in acc.iter_mut().zip(row) {
+                    *a += i32::from(v) * w;
+                }
+            }
+            for (d, &a) in dst_row.iter_mut().zip(&acc) {
+                *d = clip8(a);
+            }
         }
-    }
+    });
+    dst
 }
 
 /// Pillow's C `COORD` macro: truncate towards zero, but anything negative maps to -1.
