@@ -9,7 +9,9 @@ use candle_core::{DType, Device, Tensor};
 use crate::generate::{self, Decoder, GenerationConfig, GenerationDefaults, Limits};
 use crate::hub::ModelFiles;
 use crate::image::PreprocessConfig;
-use crate::models::blip::{BlipConfig, BlipForConditionalGeneration, DecoderState, TextDecoder};
+use crate::models::blip::{
+    BlipConfig, BlipForConditionalGeneration, BlipForQuestionAnswering, DecoderState, TextDecoder,
+};
 use crate::registry::Family;
 use crate::tokenizer::TextCodec;
 use crate::weights;
@@ -53,9 +55,23 @@ pub struct Caption {
     pub score: Option<f32>,
 }
 
-/// A captioning model ready to run.
+/// The loaded network, by what it does.
+enum Model {
+    Caption(BlipForConditionalGeneration),
+    Vqa(BlipForQuestionAnswering),
+}
+
+/// One question about one image, answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer {
+    pub question: String,
+    /// Best first; more than one with `num_return_sequences`.
+    pub answers: Vec<Caption>,
+}
+
+/// A captioning or question-answering model ready to run.
 pub struct Captioner {
-    model: BlipForConditionalGeneration,
+    model: Model,
     codec: TextCodec,
     preprocess: PreprocessConfig,
     device: Device,
@@ -77,9 +93,14 @@ impl Captioner {
         let family = match Family::from_architectures(&architectures) {
             Some(family) => family,
             None => anyhow::bail!(
-                "{} is a {} model; this version runs BlipForConditionalGeneration captioning models",
+                "{} is a {} model; this version runs BlipForConditionalGeneration (captioning) \
+                 and BlipForQuestionAnswering (VQA) models",
                 files.source,
-                if architectures.is_empty() { "model of unknown architecture".to_string() } else { architectures.join(", ") }
+                if architectures.is_empty() {
+                    "model of unknown architecture".to_string()
+                } else {
+                    architectures.join(", ")
+                }
             ),
         };
         let config = BlipConfig::from_json(&config_text)
@@ -123,8 +144,15 @@ impl Captioner {
             // The VarBuilder holds every tensor it has handed out; dropping it
             // right after building keeps only the model's copy in memory.
             let vb = weights::var_builder(&files.weights, dtype, &runtime.device)?;
-            BlipForConditionalGeneration::new(config, vb)
-                .with_context(|| format!("loading the weights of {}", files.source))?
+            let context = || format!("loading the weights of {}", files.source);
+            match family {
+                Family::Blip => Model::Caption(
+                    BlipForConditionalGeneration::new(config, vb).with_context(context)?,
+                ),
+                Family::BlipVqa => {
+                    Model::Vqa(BlipForQuestionAnswering::new(config, vb).with_context(context)?)
+                }
+            }
         };
         Ok(Self {
             model,
@@ -171,9 +199,41 @@ impl Captioner {
 
     /// `image_embeds [batch, tokens, hidden]` of `pixel_values`.
     pub fn image_embeds(&self, pixel_values: &Tensor) -> Result<Tensor> {
-        Ok(self
-            .model
-            .image_embeds(&pixel_values.to_dtype(self.dtype)?)?)
+        let vision = match &self.model {
+            Model::Caption(m) => &m.vision_model,
+            Model::Vqa(m) => &m.vision_model,
+        };
+        Ok(vision.forward(&pixel_values.to_dtype(self.dtype)?)?)
+    }
+
+    /// Whether this model answers questions (`--ask`) rather than captions.
+    pub fn answers_questions(&self) -> bool {
+        matches!(self.model, Model::Vqa(_))
+    }
+
+    fn config(&self) -> &BlipConfig {
+        match &self.model {
+            Model::Caption(m) => &m.config,
+            Model::Vqa(m) => &m.config,
+        }
+    }
+
+    fn captioning_model(&self) -> Result<&BlipForConditionalGeneration> {
+        match &self.model {
+            Model::Caption(m) => Ok(m),
+            Model::Vqa(_) => anyhow::bail!(
+                "this is a question-answering model: ask it something with --ask, or caption with a captioning model"
+            ),
+        }
+    }
+
+    fn vqa_model(&self) -> Result<&BlipForQuestionAnswering> {
+        match &self.model {
+            Model::Vqa(m) => Ok(m),
+            Model::Caption(_) => anyhow::bail!(
+                "this is a captioning model and cannot answer questions: use a VQA model such as blip-vqa-base"
+            ),
+        }
     }
 
     /// Captions a batch of images together. Per image, in order, the
@@ -197,6 +257,7 @@ impl Captioner {
         streams: &[u64],
         request: &CaptionRequest,
     ) -> Result<Vec<Vec<Caption>>> {
+        self.captioning_model()?;
         if images.is_empty() {
             return Ok(vec![]);
         }
@@ -213,29 +274,129 @@ impl Captioner {
         streams: &[u64],
         request: &CaptionRequest,
     ) -> Result<Vec<Vec<Caption>>> {
+        let model = self.captioning_model()?;
+        let batch = image_embeds.dim(0)?;
+        let prompt = self.prompt_ids(request.prompt.as_deref())?;
+        let state = model.decoder_state(image_embeds)?;
+        self.decode(
+            &model.text_decoder,
+            state,
+            vec![prompt; batch],
+            streams,
+            &request.generation,
+        )
+    }
+
+    /// Answers every question about every image. Each image is encoded once;
+    /// each question is read against all the images together. Per image, in
+    /// order, one [`Answer`] per question. Image i answering question j draws
+    /// from stream `streams[i] * questions.len() + j`.
+    pub fn answer_with_streams(
+        &self,
+        images: &[image::RgbImage],
+        questions: &[String],
+        streams: &[u64],
+        generation: &GenerationConfig,
+    ) -> Result<Vec<Vec<Answer>>> {
+        self.vqa_model()?;
+        if images.is_empty() {
+            return Ok(vec![]);
+        }
+        let pixel_values = self.pixel_values(images)?;
+        let image_embeds = self.image_embeds(&pixel_values)?;
+        self.answer_embeds(&image_embeds, questions, streams, generation)
+    }
+
+    /// [`Self::answer_with_streams`] from already encoded images.
+    pub fn answer_embeds(
+        &self,
+        image_embeds: &Tensor,
+        questions: &[String],
+        streams: &[u64],
+        generation: &GenerationConfig,
+    ) -> Result<Vec<Vec<Answer>>> {
+        let model = self.vqa_model()?;
         let batch = image_embeds.dim(0)?;
         anyhow::ensure!(streams.len() == batch, "one random stream per image");
-        let prompt = self.prompt_ids(request.prompt.as_deref())?;
+        let mut per_image: Vec<Vec<Answer>> = vec![Vec::with_capacity(questions.len()); batch];
+        for (j, question) in questions.iter().enumerate() {
+            let question_embeds = self.question_embeds(image_embeds, question)?;
+            let bos = model.config.text_config.bos_token_id;
+            let answer_streams: Vec<u64> = streams
+                .iter()
+                .map(|&s| s * questions.len() as u64 + j as u64)
+                .collect();
+            let answers = self.decode(
+                &model.text_decoder,
+                model.decoder_state(&question_embeds)?,
+                vec![vec![bos]; batch],
+                &answer_streams,
+                generation,
+            )?;
+            for (image_answers, answers) in per_image.iter_mut().zip(answers) {
+                image_answers.push(Answer {
+                    question: question.clone(),
+                    answers,
+                });
+            }
+        }
+        Ok(per_image)
+    }
+
+    /// The question as the processor tokenizes it (`[CLS] question [SEP]`), checked.
+    pub fn question_ids(&self, question: &str) -> Result<Vec<u32>> {
+        let model = self.vqa_model()?;
+        anyhow::ensure!(!question.trim().is_empty(), "the question is empty");
+        let ids = self.codec.encode_with_special_tokens(question)?;
+        anyhow::ensure!(
+            ids.len() > 2,
+            "the question {question:?} tokenizes to nothing"
+        );
+        let limit = model.text_encoder.max_position_embeddings();
+        anyhow::ensure!(
+            ids.len() <= limit,
+            "the question is {} tokens long; this model reads at most {limit}",
+            ids.len()
+        );
+        Ok(ids)
+    }
+
+    /// `[batch, seq, hidden]`: `question` read against each image of `image_embeds`.
+    pub fn question_embeds(&self, image_embeds: &Tensor, question: &str) -> Result<Tensor> {
+        let model = self.vqa_model()?;
+        let ids = self.question_ids(question)?;
+        let batch = image_embeds.dim(0)?;
+        let input_ids = Tensor::new(vec![ids; batch], &self.device)?;
+        Ok(model.question_embeds(&input_ids, image_embeds)?)
+    }
+
+    /// Runs the shared decoding engine over a BLIP text decoder.
+    fn decode(
+        &self,
+        text_decoder: &TextDecoder,
+        state: DecoderState,
+        prompts: Vec<Vec<u32>>,
+        streams: &[u64],
+        generation: &GenerationConfig,
+    ) -> Result<Vec<Vec<Caption>>> {
+        anyhow::ensure!(
+            streams.len() == prompts.len(),
+            "one random stream per image"
+        );
         let limits = Limits {
-            max_positions: self.model.text_decoder.max_position_embeddings(),
-            eos_token_ids: vec![self.model.config.text_config.sep_token_id],
+            max_positions: text_decoder.max_position_embeddings(),
+            eos_token_ids: vec![self.config().text_config.sep_token_id],
         };
         let mut decoder = BlipCaptionDecoder {
-            text_decoder: &self.model.text_decoder,
-            state: self.model.decoder_state(image_embeds)?,
+            text_decoder,
+            state,
             device: self.device.clone(),
         };
-        let hypotheses = generate::generate(
-            &mut decoder,
-            &vec![prompt; batch],
-            streams,
-            &limits,
-            &request.generation,
-        )?;
+        let hypotheses = generate::generate(&mut decoder, &prompts, streams, &limits, generation)?;
         hypotheses
             .into_iter()
-            .map(|per_image| {
-                per_image
+            .map(|per_row| {
+                per_row
                     .into_iter()
                     .map(|h| {
                         Ok(Caption {
@@ -253,7 +414,7 @@ impl Captioner {
     /// transformers tokenizes it as `[CLS] prompt [SEP]`, swaps the `[CLS]` for
     /// `[DEC]` and drops the `[SEP]` (`BlipForConditionalGeneration.generate`).
     pub fn prompt_ids(&self, prompt: Option<&str>) -> Result<Vec<u32>> {
-        let bos = self.model.config.text_config.bos_token_id;
+        let bos = self.config().text_config.bos_token_id;
         let Some(prompt) = prompt else {
             return Ok(vec![bos]);
         };
@@ -265,19 +426,17 @@ impl Captioner {
     }
 
     /// Logits for the token after `prompt`, `[batch, vocab]`, in the model's
-    /// dtype (for parity tests).
-    pub fn first_step_logits(&self, image_embeds: &Tensor, prompt: Option<&str>) -> Result<Tensor> {
+    /// dtype (for parity tests). For a VQA model, `states` are question
+    /// embeddings and `prompt` must be `None` (answers start from `[DEC]`).
+    pub fn first_step_logits(&self, states: &Tensor, prompt: Option<&str>) -> Result<Tensor> {
         let prompt = self.prompt_ids(prompt)?;
-        let batch = image_embeds.dim(0)?;
-        let mut decoder = BlipCaptionDecoder {
-            text_decoder: &self.model.text_decoder,
-            state: self.model.decoder_state(image_embeds)?,
-            device: self.device.clone(),
+        let batch = states.dim(0)?;
+        let (text_decoder, mut state) = match &self.model {
+            Model::Caption(m) => (&m.text_decoder, m.decoder_state(states)?),
+            Model::Vqa(m) => (&m.text_decoder, m.decoder_state(states)?),
         };
         let input_ids = Tensor::new(vec![prompt; batch], &self.device)?;
-        Ok(decoder
-            .text_decoder
-            .forward(&input_ids, &mut decoder.state)?)
+        Ok(text_decoder.forward(&input_ids, &mut state)?)
     }
 }
 

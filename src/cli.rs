@@ -12,8 +12,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::generate::{EarlyStopping, GenerationDefaults};
 use crate::hub;
 use crate::image::LoadOptions;
-use crate::output::{self, CaptionOutput, Format, Outcome, Record};
-use crate::registry::Registry;
+use crate::output::{self, CaptionOutput, Format, Outcome, Record, TextColumns};
+use crate::registry::{Registry, Task};
 use crate::{CaptionRequest, Captioner, RuntimeOptions};
 
 /// Caption images with BLIP, natively: the same captions as transformers, in one fast binary.
@@ -38,9 +38,14 @@ pub struct CaptionArgs {
     #[arg(value_name = "IMAGE")]
     pub images: Vec<PathBuf>,
 
-    /// Model: an alias (see `caption models`), a Hub id `owner/name[@revision]`, or a local folder.
-    #[arg(short, long, default_value = "blip-base", env = "CAPTION_MODEL")]
-    pub model: String,
+    /// Model: an alias (see `caption models`), a Hub id `owner/name[@revision]`, or a local folder
+    /// [default: blip-base; with --ask, blip-vqa-base].
+    #[arg(short, long, env = "CAPTION_MODEL")]
+    pub model: Option<String>,
+
+    /// Ask a question about each image (needs a VQA model); repeat to ask several.
+    #[arg(long, value_name = "QUESTION")]
+    pub ask: Vec<String>,
 
     /// Start every caption with this text, e.g. "a picture of" (it is part of the printed caption, as in transformers).
     #[arg(long)]
@@ -227,6 +232,59 @@ fn generation_flags(args: &CaptionArgs) -> GenerationDefaults {
     }
 }
 
+const DEFAULT_CAPTION_MODEL: &str = "blip-base";
+const DEFAULT_VQA_MODEL: &str = "blip-vqa-base";
+
+/// Refuses to caption with a VQA model or to answer with a captioning one,
+/// rather than silently doing the other job.
+fn check_task(model: &str, task: Task, asking: bool) -> Result<()> {
+    match (task, asking) {
+        (Task::Caption, true) => bail!(
+            "{model} is a captioning model and cannot answer --ask questions; \
+             use a VQA model, e.g. --model {DEFAULT_VQA_MODEL} (see `caption models`)"
+        ),
+        (Task::Vqa, false) => bail!(
+            "{model} answers questions: pass --ask QUESTION, or caption with e.g. --model {DEFAULT_CAPTION_MODEL}"
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// Each image's captions as output records, ranked when there are several.
+fn caption_outputs(per_image: Vec<Vec<crate::Caption>>) -> Vec<Vec<CaptionOutput>> {
+    per_image
+        .into_iter()
+        .map(|captions| ranked(captions, None))
+        .collect()
+}
+
+/// Each image's answers, question by question, as output records.
+fn answer_outputs(per_image: Vec<Vec<crate::Answer>>) -> Vec<Vec<CaptionOutput>> {
+    per_image
+        .into_iter()
+        .map(|answers| {
+            answers
+                .into_iter()
+                .flat_map(|a| ranked(a.answers, Some(a.question)))
+                .collect()
+        })
+        .collect()
+}
+
+fn ranked(captions: Vec<crate::Caption>, question: Option<String>) -> Vec<CaptionOutput> {
+    let several = captions.len() > 1;
+    captions
+        .into_iter()
+        .enumerate()
+        .map(|(rank, caption)| CaptionOutput {
+            text: caption.text,
+            question: question.clone(),
+            rank: several.then_some(rank + 1),
+            score: caption.score,
+        })
+        .collect()
+}
+
 /// `cpu`, `cuda`, `cuda:N` or `auto`.
 pub fn parse_device(spec: &str) -> Result<Device> {
     let cuda = |ordinal: usize| -> Result<Device> {
@@ -266,9 +324,33 @@ fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStatus> 
     let flags = generation_flags(args);
     // Bad flag values fail before any download or model load.
     flags.resolve(args.seed).validate()?;
-    let (source, entry) = crate::resolve_model(&args.model, registry)?;
+    let asking = !args.ask.is_empty();
+    if let Some(empty) = args.ask.iter().position(|q| q.trim().is_empty()) {
+        bail!("--ask number {} is empty: ask a question", empty + 1);
+    }
+    if asking && args.prompt.is_some() {
+        bail!("--prompt steers captions; a VQA model answers --ask questions without one");
+    }
+    let model = args.model.as_deref().unwrap_or(if asking {
+        DEFAULT_VQA_MODEL
+    } else {
+        DEFAULT_CAPTION_MODEL
+    });
+    let (source, entry) = crate::resolve_model(model, registry)?;
+    if let Some(entry) = entry {
+        check_task(model, entry.task, asking)?;
+    }
     let files = hub::fetch(&source)?;
     let captioner = Captioner::load(&files, &runtime)?;
+    check_task(
+        model,
+        if captioner.answers_questions() {
+            Task::Vqa
+        } else {
+            Task::Caption
+        },
+        asking,
+    )?;
     if !args.quiet {
         for note in captioner.notes() {
             eprintln!("caption: note: {source}: {note}");
@@ -289,7 +371,11 @@ fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStatus> 
         ..LoadOptions::default()
     };
     let stdout = std::io::stdout().lock();
-    let mut writer = output::writer(args.format, stdout, args.images.len() > 1);
+    let columns = TextColumns {
+        path: args.images.len() > 1,
+        question: args.ask.len() > 1,
+    };
+    let mut writer = output::writer(args.format, stdout, columns);
     let mut status = RunStatus::AllGood;
     let batch_size = args.batch_size as usize;
     for (chunk_index, chunk) in args.images.chunks(batch_size).enumerate() {
@@ -312,10 +398,17 @@ fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStatus> 
                 }
             }
         }
-        let mut captions = captioner
-            .caption_with_streams(&loaded, &streams, &request)?
-            .into_iter();
-        let ranked = request.generation.num_return_sequences > 1;
+        let mut results = if asking {
+            answer_outputs(captioner.answer_with_streams(
+                &loaded,
+                &args.ask,
+                &streams,
+                &request.generation,
+            )?)
+        } else {
+            caption_outputs(captioner.caption_with_streams(&loaded, &streams, &request)?)
+        }
+        .into_iter();
         for (path, error) in records {
             match error {
                 Some(reason) => writer.write(&Record {
@@ -323,13 +416,7 @@ fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStatus> 
                     outcome: Outcome::Error(reason),
                 })?,
                 None => {
-                    let per_image = captions.next().expect("captions for every loaded image");
-                    for (rank, caption) in per_image.into_iter().enumerate() {
-                        let output = CaptionOutput {
-                            text: caption.text,
-                            rank: ranked.then_some(rank + 1),
-                            score: caption.score,
-                        };
+                    for output in results.next().expect("results for every loaded image") {
                         writer.write(&Record {
                             path: path.clone(),
                             outcome: Outcome::Caption(output),

@@ -18,7 +18,7 @@ pub mod registry;
 pub mod tokenizer;
 pub mod weights;
 
-pub use captioner::{Caption, CaptionRequest, Captioner, RuntimeOptions};
+pub use captioner::{Answer, Caption, CaptionRequest, Captioner, RuntimeOptions};
 
 use std::path::Path;
 

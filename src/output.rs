@@ -9,6 +9,8 @@ use serde::Serialize;
 #[derive(Debug, Clone, PartialEq)]
 pub struct CaptionOutput {
     pub text: String,
+    /// The question this text answers (`--ask`); `None` for a caption.
+    pub question: Option<String>,
     /// 1 for the best, when several captions are printed per image (`--num-return`).
     pub rank: Option<usize>,
     /// The beam-search score, when there is one.
@@ -19,6 +21,7 @@ impl From<&str> for CaptionOutput {
     fn from(text: &str) -> Self {
         Self {
             text: text.to_string(),
+            question: None,
             rank: None,
             score: None,
         }
@@ -56,25 +59,29 @@ pub trait RecordWriter {
     fn finish(&mut self) -> io::Result<()>;
 }
 
-/// A writer for `format`; `several_inputs` tells the text format whether to
-/// name each image.
+/// What the text format prints before each caption or answer, so a line
+/// says which image (and question) it belongs to when there are several.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TextColumns {
+    pub path: bool,
+    pub question: bool,
+}
+
+/// A writer for `format`; `columns` is for the text format.
 pub fn writer<'a, W: Write + 'a>(
     format: Format,
     out: W,
-    several_inputs: bool,
+    columns: TextColumns,
 ) -> Box<dyn RecordWriter + 'a> {
     match format {
-        Format::Text => Box::new(TextWriter {
-            out,
-            several_inputs,
-        }),
+        Format::Text => Box::new(TextWriter { out, columns }),
         Format::Jsonl => Box::new(JsonlWriter { out }),
     }
 }
 
 struct TextWriter<W> {
     out: W,
-    several_inputs: bool,
+    columns: TextColumns,
 }
 
 impl<W: Write> RecordWriter for TextWriter<W> {
@@ -85,12 +92,19 @@ impl<W: Write> RecordWriter for TextWriter<W> {
             return Ok(());
         };
         // One line per record whatever the caption holds.
-        let caption = single_line(&caption.text);
-        if self.several_inputs {
-            writeln!(self.out, "{}\t{caption}", single_line(&record.path))?;
-        } else {
-            writeln!(self.out, "{caption}")?;
+        let mut fields = Vec::with_capacity(3);
+        if self.columns.path {
+            fields.push(single_line(&record.path));
         }
+        if let Some(question) = caption
+            .question
+            .as_deref()
+            .filter(|_| self.columns.question)
+        {
+            fields.push(single_line(question));
+        }
+        fields.push(single_line(&caption.text));
+        writeln!(self.out, "{}", fields.join("\t"))?;
         // Line by line, so a pipe sees each caption as soon as it exists.
         self.out.flush()
     }
@@ -110,6 +124,10 @@ struct JsonRecord<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     caption: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    question: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    answer: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     rank: Option<usize>,
     #[serde(skip_serializing_if = "Option::is_none")]
     score: Option<f32>,
@@ -122,7 +140,9 @@ impl<'a> From<&'a Record> for JsonRecord<'a> {
         match &record.outcome {
             Outcome::Caption(c) => Self {
                 path: &record.path,
-                caption: Some(&c.text),
+                caption: c.question.is_none().then_some(c.text.as_str()),
+                question: c.question.as_deref(),
+                answer: c.question.is_some().then_some(c.text.as_str()),
                 rank: c.rank,
                 score: c.score,
                 error: None,
@@ -130,6 +150,8 @@ impl<'a> From<&'a Record> for JsonRecord<'a> {
             Outcome::Error(e) => Self {
                 path: &record.path,
                 caption: None,
+                question: None,
+                answer: None,
                 rank: None,
                 score: None,
                 error: Some(e),
@@ -162,9 +184,13 @@ mod tests {
     use super::*;
 
     fn run(format: Format, several: bool, records: &[Record]) -> String {
+        let columns = TextColumns {
+            path: several,
+            question: true,
+        };
         let mut buf = Vec::new();
         {
-            let mut w = writer(format, &mut buf, several);
+            let mut w = writer(format, &mut buf, columns);
             for r in records {
                 w.write(r).unwrap();
             }
@@ -216,6 +242,28 @@ mod tests {
         assert_eq!(
             lines[1],
             serde_json::json!({"path": "b.jpg", "error": "not an image"})
+        );
+    }
+
+    #[test]
+    fn answers_carry_their_question() {
+        let record = Record {
+            path: "a.jpg".into(),
+            outcome: Outcome::Caption(CaptionOutput {
+                question: Some("what is it?".into()),
+                ..CaptionOutput::from("a cat")
+            }),
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(run(Format::Jsonl, false, std::slice::from_ref(&record)).trim())
+                .unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"path": "a.jpg", "question": "what is it?", "answer": "a cat"})
+        );
+        assert_eq!(
+            run(Format::Text, true, &[record]),
+            "a.jpg\twhat is it?\ta cat\n"
         );
     }
 }

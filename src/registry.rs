@@ -15,8 +15,11 @@ pub const BUILTIN: &str = include_str!("../models.toml");
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Family {
-    /// `BlipForConditionalGeneration`.
+    /// `BlipForConditionalGeneration`: captions.
     Blip,
+    /// `BlipForQuestionAnswering`: answers questions about an image.
+    #[serde(rename = "blip-vqa")]
+    BlipVqa,
 }
 
 impl Family {
@@ -27,7 +30,8 @@ impl Family {
     /// transformers 5.23 with a max_length there: ignored).
     pub fn applies_generation_config(self) -> bool {
         match self {
-            Self::Blip => false,
+            // Both hand over to their text decoder's own generation config.
+            Self::Blip | Self::BlipVqa => false,
         }
     }
 
@@ -35,6 +39,7 @@ impl Family {
     pub fn from_architectures(architectures: &[String]) -> Option<Self> {
         architectures.iter().find_map(|a| match a.as_str() {
             "BlipForConditionalGeneration" => Some(Self::Blip),
+            "BlipForQuestionAnswering" => Some(Self::BlipVqa),
             _ => None,
         })
     }
@@ -45,12 +50,14 @@ impl Family {
 #[serde(rename_all = "lowercase")]
 pub enum Task {
     Caption,
+    Vqa,
 }
 
 impl std::fmt::Display for Family {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Blip => "blip",
+            Self::BlipVqa => "blip-vqa",
         })
     }
 }
@@ -59,6 +66,7 @@ impl std::fmt::Display for Task {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Caption => "caption",
+            Self::Vqa => "vqa",
         })
     }
 }
@@ -73,6 +81,10 @@ pub struct Entry {
     pub task: Task,
     #[serde(default)]
     pub description: String,
+    /// Why `revision` is a branch rather than a commit, for an alias whose
+    /// commit could not be confirmed; absent for a pinned alias.
+    #[serde(default)]
+    pub unpinned: Option<String>,
     /// Decoding defaults for this alias (`[alias.generation]`, transformers'
     /// field names), below the flags and the checkpoint's generation_config.json.
     #[serde(default)]
@@ -129,7 +141,17 @@ mod tests {
     fn builtin_registry_parses_and_pins_full_commits() {
         let registry = Registry::parse(BUILTIN).unwrap();
         assert!(registry.get("blip-base").is_some());
+        assert_eq!(registry.get("blip-vqa-base").unwrap().task, Task::Vqa);
+        assert_eq!(
+            registry.get("blip-vqa-large").unwrap().family,
+            Family::BlipVqa
+        );
         for (name, entry) in &registry.entries {
+            if entry.unpinned.is_some() {
+                // An honest branch name, never a made-up hash.
+                assert_eq!(entry.revision, "main", "{name}");
+                continue;
+            }
             assert_eq!(
                 entry.revision.len(),
                 40,

@@ -14,14 +14,11 @@ use candle_core::{DType, Device, Tensor};
 use caption::generate::GenerationConfig;
 use caption::hub::{self, ModelSource};
 use caption::{CaptionRequest, Captioner, RuntimeOptions};
+use common::max_abs_diff;
 use common::{image, load};
 use serde::Deserialize;
 
-#[derive(Debug, Deserialize)]
-struct Reference {
-    min_margin: f64,
-    cases: Vec<Case>,
-}
+type Reference = common::Reference<Case>;
 
 #[derive(Debug, Deserialize)]
 struct Case {
@@ -38,21 +35,6 @@ fn reference() -> (Reference, HashMap<String, Tensor>) {
     let json = common::reference_json("blip-tiny.json");
     let tensors = common::reference_tensors("blip-tiny.safetensors");
     (serde_json::from_str(&json).unwrap(), tensors)
-}
-
-/// Largest absolute elementwise difference, computed in f64.
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims());
-    let a = a.to_dtype(DType::F64).unwrap();
-    let b = b.to_dtype(DType::F64).unwrap();
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 fn request(case: &Case) -> CaptionRequest {

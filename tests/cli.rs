@@ -420,3 +420,162 @@ fn a_blip_generation_config_is_reported_and_not_applied() {
         stderr(&out)
     );
 }
+
+/// One usage error: exit 2, one line on stderr, nothing on stdout.
+fn assert_one_line_error(out: &Output, what: &str) -> String {
+    assert_eq!(out.status.code(), Some(2), "{what}: {}", stderr(out));
+    assert!(out.stdout.is_empty(), "{what}");
+    let err = stderr(out);
+    assert_eq!(err.lines().count(), 1, "{what}: {err}");
+    err
+}
+
+#[test]
+fn asking_a_captioning_model_is_refused_not_silently_captioned() {
+    let home = tempfile::tempdir().unwrap();
+    let out = caption(home.path())
+        .args(["--ask", "what is it?", "-m"])
+        .arg(model_dir())
+        .arg(image("chelsea.png"))
+        .output()
+        .unwrap();
+    let err = assert_one_line_error(&out, "caption model with --ask");
+    assert!(
+        err.contains("captioning model") && err.contains("blip-vqa-base"),
+        "{err}"
+    );
+    // An alias says so before anything is downloaded.
+    let out = caption(home.path())
+        .env("HF_HOME", home.path().join("empty-cache"))
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["--ask", "what is it?", "-m", "blip-large"])
+        .arg(image("chelsea.png"))
+        .output()
+        .unwrap();
+    let err = assert_one_line_error(&out, "caption alias with --ask");
+    assert!(err.contains("captioning model"), "{err}");
+}
+
+#[test]
+fn ask_defaults_to_the_vqa_model_and_rejects_empty_questions() {
+    let home = tempfile::tempdir().unwrap();
+    let out = caption(home.path())
+        .env("HF_HOME", home.path().join("empty-cache"))
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["--ask", "what is it?"])
+        .arg(image("chelsea.png"))
+        .output()
+        .unwrap();
+    let err = assert_one_line_error(&out, "default VQA model, not cached");
+    assert!(err.contains("Salesforce/blip-vqa-base"), "{err}");
+    for question in ["", "   "] {
+        let out = caption(home.path())
+            .args(["--ask", "what is it?", "--ask", question, "-m"])
+            .arg(model_dir())
+            .arg(image("chelsea.png"))
+            .output()
+            .unwrap();
+        let err = assert_one_line_error(&out, "empty question");
+        assert!(err.contains("--ask number 2 is empty"), "{err}");
+    }
+}
+
+fn vqa_dir() -> PathBuf {
+    fixtures().join("models/blip-vqa-tiny")
+}
+
+/// transformers' greedy answer to `question` about `image`.
+fn reference_answer(image: &str, question: &str) -> String {
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("reference/blip-vqa-tiny.json")).unwrap(),
+    )
+    .unwrap();
+    json["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["image"] == image && c["question"] == question)
+        .unwrap()["greedy"]["text"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn ask(home: &Path, questions: &[&str], images: &[&str], format: &str) -> Output {
+    let mut cmd = caption(home);
+    for q in questions {
+        cmd.args(["--ask", q]);
+    }
+    cmd.args(["--format", format, "-m"]).arg(vqa_dir());
+    for name in images {
+        cmd.arg(image(name));
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn ask_prints_the_answer_and_several_questions_equal_one_per_run() {
+    let home = tempfile::tempdir().unwrap();
+    let questions = [
+        "what is in the picture?",
+        "how many people are there?",
+        "is it a dog?",
+    ];
+    let out = ask(home.path(), &questions[..1], &["astronaut.jpg"], "text");
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        format!("{}\n", reference_answer("astronaut.jpg", questions[0]))
+    );
+    // All questions in one run, on two images: path, question, answer per line,
+    // each answer what that question alone gives.
+    let images = ["astronaut.jpg", "wide.png"];
+    let out = ask(home.path(), &questions, &images, "text");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut expected = String::new();
+    for name in images {
+        for q in questions {
+            let alone = ask(home.path(), &[q], &[name], "text");
+            let answer = stdout(&alone).trim_end_matches('\n').to_string();
+            assert_eq!(answer, reference_answer(name, q));
+            expected += &format!("{}\t{q}\t{answer}\n", image(name).display());
+        }
+    }
+    assert_eq!(stdout(&out), expected);
+}
+
+#[test]
+fn ask_jsonl_records_path_question_and_answer() {
+    let home = tempfile::tempdir().unwrap();
+    let questions = ["what color is the cat?", "is it a dog?"];
+    let out = ask(home.path(), &questions, &["chelsea.png"], "jsonl");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let records: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 2);
+    for (record, q) in records.iter().zip(questions) {
+        assert_eq!(
+            record,
+            &serde_json::json!({
+                "path": image("chelsea.png").display().to_string(),
+                "question": q,
+                "answer": reference_answer("chelsea.png", q),
+            })
+        );
+    }
+}
+
+#[test]
+fn a_vqa_model_without_a_question_is_a_usage_error() {
+    let home = tempfile::tempdir().unwrap();
+    let out = caption(home.path())
+        .arg("-m")
+        .arg(vqa_dir())
+        .arg(image("chelsea.png"))
+        .output()
+        .unwrap();
+    let err = assert_one_line_error(&out, "VQA model without --ask");
+    assert!(err.contains("--ask"), "{err}");
+}

@@ -5,10 +5,11 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use caption::hub::{self, ModelSource};
 use caption::image::LoadOptions;
 use caption::{Captioner, RuntimeOptions};
+use serde::Deserialize;
 
 pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -36,4 +37,31 @@ pub fn image(name: &str) -> image::RgbImage {
         ..LoadOptions::default()
     };
     caption::image::load_rgb8(&fixtures().join("images").join(name), &options).unwrap()
+}
+
+/// A fixture script's JSON: the smallest top-1/top-2 margin of any recorded
+/// greedy step, and the cases.
+#[derive(Debug, Deserialize)]
+pub struct Reference<C> {
+    pub min_margin: f64,
+    pub cases: Vec<C>,
+}
+
+/// Largest absolute elementwise difference, computed in f64.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    let diff = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+    max_abs(&diff)
+}
+
+/// Largest absolute value, in f64.
+pub fn max_abs(a: &Tensor) -> f64 {
+    a.to_dtype(DType::F64)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
