@@ -290,7 +290,8 @@ impl Captioner {
     /// Answers every question about every image. Each image is encoded once;
     /// each question is read against all the images together. Per image, in
     /// order, one [`Answer`] per question. Image i answering question j draws
-    /// from stream `streams[i] * questions.len() + j`.
+    /// from stream `streams[i]` mixed with j (golden-ratio multiple), so each
+    /// (image, question) pair has its own stream whatever else is asked.
     pub fn answer_with_streams(
         &self,
         images: &[image::RgbImage],
@@ -324,7 +325,7 @@ impl Captioner {
             let bos = model.config.text_config.bos_token_id;
             let answer_streams: Vec<u64> = streams
                 .iter()
-                .map(|&s| s * questions.len() as u64 + j as u64)
+                .map(|&s| s ^ (j as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
                 .collect();
             let answers = self.decode(
                 &model.text_decoder,

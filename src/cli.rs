@@ -2,8 +2,9 @@
 //! executed over the library.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
@@ -12,8 +13,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use crate::generate::{EarlyStopping, GenerationDefaults};
 use crate::hub;
 use crate::image::LoadOptions;
+use crate::inputs::{self, CollectOptions, Input, Shard};
 use crate::output::{self, CaptionOutput, Format, Outcome, Record, TextColumns};
 use crate::registry::{Registry, Task};
+use crate::sidecar::{Existing, SidecarOptions};
 use crate::{CaptionRequest, Captioner, RuntimeOptions};
 
 /// Caption images with BLIP, natively: the same captions as transformers, in one fast binary.
@@ -34,9 +37,63 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct CaptionArgs {
-    /// Image files to caption.
+    /// Image files and folders to caption; `-` reads paths from stdin, one per line.
     #[arg(value_name = "IMAGE")]
-    pub images: Vec<PathBuf>,
+    pub images: Vec<String>,
+
+    /// Descend into subfolders of the folders given.
+    #[arg(short, long)]
+    pub recursive: bool,
+
+    /// Caption only this share of the inputs, e.g. 2/8: N jobs with 1/N..N/N split a corpus
+    /// between them with no coordination (by a stable hash of each path).
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<Shard>,
+
+    /// Also write each caption next to its image as <stem>.txt (written whole: temp file + rename).
+    #[arg(long, help_heading = "Sidecar files")]
+    pub sidecar: bool,
+
+    /// The sidecar's extension.
+    #[arg(
+        long,
+        default_value = "txt",
+        value_name = "EXT",
+        requires = "sidecar",
+        help_heading = "Sidecar files"
+    )]
+    pub sidecar_ext: String,
+
+    /// Skip images that already have a sidecar (resume an interrupted run).
+    #[arg(
+        long,
+        requires = "sidecar",
+        conflicts_with = "overwrite",
+        help_heading = "Sidecar files"
+    )]
+    pub skip_existing: bool,
+
+    /// Replace existing sidecars (without this or --skip-existing, an existing one is an error for that image).
+    #[arg(long, requires = "sidecar", help_heading = "Sidecar files")]
+    pub overwrite: bool,
+
+    /// Text put before every sidecar caption (trigger words).
+    #[arg(
+        long,
+        default_value = "",
+        requires = "sidecar",
+        help_heading = "Sidecar files"
+    )]
+    pub prefix: String,
+
+    /// Text put after every sidecar caption.
+    #[arg(
+        long,
+        default_value = "",
+        requires = "sidecar",
+        help_heading = "Sidecar files"
+    )]
+    pub suffix: String,
 
     /// Model: an alias (see `caption models`), a Hub id `owner/name[@revision]`, or a local folder
     /// [default: blip-base; with --ask, blip-vqa-base].
@@ -163,6 +220,8 @@ pub enum RunStatus {
     AllGood,
     /// At least one input failed (and was reported); the others were processed.
     SomeFailed,
+    /// Ctrl-C: the batch in hand was finished and written, the rest not started.
+    Interrupted,
 }
 
 impl RunStatus {
@@ -170,6 +229,8 @@ impl RunStatus {
         match self {
             Self::AllGood => ExitCode::SUCCESS,
             Self::SomeFailed => ExitCode::from(1),
+            // The shell's convention for a run ended by SIGINT.
+            Self::Interrupted => ExitCode::from(130),
         }
     }
 }
@@ -230,6 +291,56 @@ fn generation_flags(args: &CaptionArgs) -> GenerationDefaults {
         repetition_penalty: args.repetition_penalty,
         no_repeat_ngram_size: args.no_repeat_ngram,
     }
+}
+
+/// Turns the first Ctrl-C into a request to stop after the batch in hand (so
+/// every line and sidecar written is whole); a second one ends the process at once.
+fn stop_on_ctrl_c() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let seen = Arc::clone(&flag);
+    let installed = ctrlc::set_handler(move || {
+        if seen.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("caption: stopping after the current batch (Ctrl-C again to stop now)");
+    });
+    if let Err(err) = installed {
+        // Without the handler Ctrl-C still stops the run, only less gently.
+        eprintln!("caption: warning: cannot handle Ctrl-C: {err}");
+    }
+    flag
+}
+
+/// The images to run on: the arguments walked, stdin read, the shard taken.
+fn gather_inputs(args: &CaptionArgs) -> Result<(Vec<Input>, Vec<inputs::InputProblem>)> {
+    let options = CollectOptions {
+        recursive: args.recursive,
+    };
+    let (mut found, mut problems) =
+        inputs::collect(&args.images, std::io::stdin().lock(), &options);
+    if let Some(shard) = args.shard {
+        found.retain(|input| shard.takes(&input.shown));
+        problems.retain(|problem| shard.takes(&problem.shown));
+    }
+    if found.is_empty() && problems.is_empty() && args.shard.is_none() {
+        bail!("no images found in {}", args.images.join(" "));
+    }
+    Ok((found, problems))
+}
+
+/// Drops the inputs that already have a sidecar when resuming (`--skip-existing`);
+/// returns the rest and how many were dropped.
+fn skip_captioned(inputs: Vec<Input>, sidecar: Option<&SidecarOptions>) -> (Vec<Input>, usize) {
+    let Some(sidecar) = sidecar.filter(|s| s.existing == Existing::Skip) else {
+        return (inputs, 0);
+    };
+    let before = inputs.len();
+    let kept: Vec<Input> = inputs
+        .into_iter()
+        .filter(|input| !sidecar.path_for(&input.path).exists())
+        .collect();
+    let skipped = before - kept.len();
+    (kept, skipped)
 }
 
 const DEFAULT_CAPTION_MODEL: &str = "blip-base";
@@ -328,6 +439,9 @@ fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStatus> 
     if let Some(empty) = args.ask.iter().position(|q| q.trim().is_empty()) {
         bail!("--ask number {} is empty: ask a question", empty + 1);
     }
+    if asking && args.sidecar {
+        bail!("--sidecar writes captions; it cannot be combined with --ask");
+    }
     if asking && args.prompt.is_some() {
         bail!("--prompt steers captions; a VQA model answers --ask questions without one");
     }
@@ -370,31 +484,80 @@ fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStatus> 
         exif_rotate: !args.no_exif_rotate,
         ..LoadOptions::default()
     };
+    let (inputs, problems) = gather_inputs(args)?;
+    let sidecar = args.sidecar.then(|| SidecarOptions {
+        extension: args.sidecar_ext.clone(),
+        existing: if args.skip_existing {
+            Existing::Skip
+        } else if args.overwrite {
+            Existing::Overwrite
+        } else {
+            Existing::Refuse
+        },
+        prefix: args.prefix.clone(),
+        suffix: args.suffix.clone(),
+    });
+    let (inputs, skipped) = skip_captioned(inputs, sidecar.as_ref());
+    if skipped > 0 && !args.quiet {
+        eprintln!("caption: skipped {skipped} images that already have a sidecar");
+    }
+    let several = inputs.len() + problems.len() > 1
+        || args
+            .images
+            .iter()
+            .any(|a| a == "-" || std::path::Path::new(a).is_dir());
     let stdout = std::io::stdout().lock();
     let columns = TextColumns {
-        path: args.images.len() > 1,
-        question: args.ask.len() > 1,
+        path: several,
+        // Text shows the question only when there is a choice; the
+        // delimited formats always carry it when asking.
+        question: if matches!(args.format, Format::Csv | Format::Tsv) {
+            asking
+        } else {
+            args.ask.len() > 1
+        },
+        ranked: request.generation.num_return_sequences > 1,
     };
     let mut writer = output::writer(args.format, stdout, columns);
     let mut status = RunStatus::AllGood;
+    for problem in problems {
+        eprintln!("caption: {}: {}", problem.shown, problem.reason);
+        status = RunStatus::SomeFailed;
+        writer.write(&Record {
+            path: problem.shown,
+            outcome: Outcome::Error(problem.reason),
+        })?;
+    }
     let batch_size = args.batch_size as usize;
-    for (chunk_index, chunk) in args.images.chunks(batch_size).enumerate() {
+    let interrupted = stop_on_ctrl_c();
+    let mut done = 0;
+    for chunk in inputs.chunks(batch_size) {
+        if interrupted.load(Ordering::SeqCst) {
+            eprintln!(
+                "caption: interrupted after {done} of {} images; every result written is complete",
+                inputs.len()
+            );
+            status = RunStatus::Interrupted;
+            break;
+        }
+        done += chunk.len();
         let mut loaded = Vec::with_capacity(chunk.len());
         let mut streams = Vec::with_capacity(chunk.len());
         let mut records = Vec::with_capacity(chunk.len());
-        for (i, path) in chunk.iter().enumerate() {
-            let shown = path.display().to_string();
-            match crate::image::load_rgb8(path, &load_options) {
+        for input in chunk {
+            match crate::image::load_rgb8(&input.path, &load_options) {
                 Ok(image) => {
                     loaded.push(image);
-                    // The image's position among the inputs names its random stream.
-                    streams.push((chunk_index * batch_size + i) as u64);
-                    records.push((shown, None));
+                    // Each image's random stream is named by its path, so a
+                    // sampled caption is the same whatever else is in the run
+                    // (batch size, shards, skipped images).
+                    streams.push(inputs::fnv1a64(input.shown.as_bytes()));
+                    records.push((input, None));
                 }
                 Err(err) => {
-                    eprintln!("caption: {shown}: {err}");
+                    eprintln!("caption: {}: {err}", input.shown);
                     status = RunStatus::SomeFailed;
-                    records.push((shown, Some(err.to_string())));
+                    records.push((input, Some(err.to_string())));
                 }
             }
         }
@@ -409,14 +572,32 @@ fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStatus> 
             caption_outputs(captioner.caption_with_streams(&loaded, &streams, &request)?)
         }
         .into_iter();
-        for (path, error) in records {
-            match error {
-                Some(reason) => writer.write(&Record {
+        for (input, error) in records {
+            let path = input.shown.clone();
+            let outputs = match error {
+                Some(reason) => Err(reason),
+                None => {
+                    let outputs = results.next().expect("results for every loaded image");
+                    match sidecar
+                        .as_ref()
+                        .map(|s| s.write(&input.path, &outputs[0].text))
+                    {
+                        Some(Err(err)) => {
+                            eprintln!("caption: {path}: {err:#}");
+                            status = RunStatus::SomeFailed;
+                            Err(format!("{err:#}"))
+                        }
+                        _ => Ok(outputs),
+                    }
+                }
+            };
+            match outputs {
+                Err(reason) => writer.write(&Record {
                     path,
                     outcome: Outcome::Error(reason),
                 })?,
-                None => {
-                    for output in results.next().expect("results for every loaded image") {
+                Ok(outputs) => {
+                    for output in outputs {
                         writer.write(&Record {
                             path: path.clone(),
                             outcome: Outcome::Caption(output),

@@ -12,9 +12,11 @@ pub mod cli;
 pub mod generate;
 pub mod hub;
 pub mod image;
+pub mod inputs;
 pub mod models;
 pub mod output;
 pub mod registry;
+pub mod sidecar;
 pub mod tokenizer;
 pub mod weights;
 

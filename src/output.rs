@@ -50,6 +50,16 @@ pub enum Format {
     Text,
     /// One JSON object per line: {"path": ..., "caption": ...} or {"path": ..., "error": ...}.
     Jsonl,
+    /// One JSON array of the objects jsonl writes, valid JSON only once the run
+    /// ends; for long runs prefer jsonl (a killed run leaves an unterminated array).
+    Json,
+    /// Comma-separated values with a header row: path,caption,error, or
+    /// path,question,answer,error for answers; rank,score follow the caption or
+    /// answer when several are printed per image. Quoted where needed.
+    Csv,
+    /// Tab-separated values with the same header and columns as csv, quoted the
+    /// same way (so tabs and newlines in a caption survive).
+    Tsv,
 }
 
 /// Writes records in one format.
@@ -59,15 +69,23 @@ pub trait RecordWriter {
     fn finish(&mut self) -> io::Result<()>;
 }
 
-/// What the text format prints before each caption or answer, so a line
-/// says which image (and question) it belongs to when there are several.
+/// The columns of the text, csv and tsv formats, fixed before the first record
+/// (the json formats name every field in each object and ignore this).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TextColumns {
+    /// Text: print the path before each caption, so a line says which image it
+    /// belongs to. Csv and tsv always have a path column.
     pub path: bool,
+    /// Text: print the question before each answer. Csv and tsv: the records
+    /// carry questions, so the columns are path,question,answer,error rather
+    /// than path,caption,error.
     pub question: bool,
+    /// Csv and tsv: add rank and score columns after the caption or answer.
+    /// The text format ignores it.
+    pub ranked: bool,
 }
 
-/// A writer for `format`; `columns` is for the text format.
+/// A writer for `format`; `columns` is for the text, csv and tsv formats.
 pub fn writer<'a, W: Write + 'a>(
     format: Format,
     out: W,
@@ -76,6 +94,12 @@ pub fn writer<'a, W: Write + 'a>(
     match format {
         Format::Text => Box::new(TextWriter { out, columns }),
         Format::Jsonl => Box::new(JsonlWriter { out }),
+        Format::Json => Box::new(JsonArrayWriter {
+            out,
+            started: false,
+        }),
+        Format::Csv => Box::new(DelimitedWriter::new(out, b',', columns)),
+        Format::Tsv => Box::new(DelimitedWriter::new(out, b'\t', columns)),
     }
 }
 
@@ -175,6 +199,131 @@ impl<W: Write> RecordWriter for JsonlWriter<W> {
     }
 }
 
+struct JsonArrayWriter<W> {
+    out: W,
+    /// Whether "[" (and so at least one record) is out.
+    started: bool,
+}
+
+impl<W: Write> RecordWriter for JsonArrayWriter<W> {
+    fn write(&mut self, record: &Record) -> io::Result<()> {
+        // The separator (or the opening bracket) and the record in one write.
+        let mut chunk = Vec::from(if self.started { &b",\n"[..] } else { b"[" });
+        serde_json::to_writer(&mut chunk, &JsonRecord::from(record)).map_err(io::Error::other)?;
+        self.out.write_all(&chunk)?;
+        self.started = true;
+        self.out.flush()
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        let end: &[u8] = if self.started { b"]\n" } else { b"[]\n" };
+        self.out.write_all(end)?;
+        self.out.flush()
+    }
+}
+
+/// Csv or tsv: a header row, then one row per record.
+struct DelimitedWriter<W> {
+    out: W,
+    builder: csv::WriterBuilder,
+    columns: TextColumns,
+    header_written: bool,
+}
+
+impl<W: Write> DelimitedWriter<W> {
+    fn new(out: W, delimiter: u8, columns: TextColumns) -> Self {
+        let mut builder = csv::WriterBuilder::new();
+        builder
+            .delimiter(delimiter)
+            .terminator(csv::Terminator::Any(b'\n'))
+            .quote_style(csv::QuoteStyle::Necessary)
+            .has_headers(false);
+        Self {
+            out,
+            builder,
+            columns,
+            header_written: false,
+        }
+    }
+
+    fn header(&self) -> Vec<&'static str> {
+        let mut row = vec!["path"];
+        if self.columns.question {
+            row.extend(["question", "answer"]);
+        } else {
+            row.push("caption");
+        }
+        if self.columns.ranked {
+            row.extend(["rank", "score"]);
+        }
+        row.push("error");
+        row
+    }
+
+    fn row(&self, record: &Record) -> Vec<String> {
+        let mut row = vec![record.path.clone()];
+        let (caption, error) = match &record.outcome {
+            Outcome::Caption(c) => (Some(c), ""),
+            Outcome::Error(e) => (None, e.as_str()),
+        };
+        if self.columns.question {
+            row.push(caption.and_then(|c| c.question.clone()).unwrap_or_default());
+        }
+        row.push(caption.map(|c| c.text.clone()).unwrap_or_default());
+        if self.columns.ranked {
+            row.push(
+                caption
+                    .and_then(|c| c.rank)
+                    .map(|r| r.to_string())
+                    .unwrap_or_default(),
+            );
+            row.push(
+                caption
+                    .and_then(|c| c.score)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default(),
+            );
+        }
+        row.push(error.to_string());
+        row
+    }
+
+    /// Quotes one row into a buffer and writes it whole, so an interrupted run
+    /// never leaves half a row.
+    fn write_row<I, F>(&mut self, fields: I) -> io::Result<()>
+    where
+        I: IntoIterator<Item = F>,
+        F: AsRef<[u8]>,
+    {
+        let mut row = self.builder.from_writer(Vec::new());
+        row.write_record(fields)?;
+        let bytes = row.into_inner().map_err(|e| e.into_error())?;
+        self.out.write_all(&bytes)?;
+        self.out.flush()
+    }
+
+    fn write_header_once(&mut self) -> io::Result<()> {
+        if !self.header_written {
+            self.write_row(self.header())?;
+            self.header_written = true;
+        }
+        Ok(())
+    }
+}
+
+impl<W: Write> RecordWriter for DelimitedWriter<W> {
+    fn write(&mut self, record: &Record) -> io::Result<()> {
+        self.write_header_once()?;
+        self.write_row(self.row(record))
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        // An empty run still says what its columns would have been.
+        self.write_header_once()?;
+        self.out.flush()
+    }
+}
+
 fn single_line(text: &str) -> String {
     text.replace(['\n', '\r', '\t'], " ")
 }
@@ -187,7 +336,12 @@ mod tests {
         let columns = TextColumns {
             path: several,
             question: true,
+            ranked: false,
         };
+        run_with(format, columns, records)
+    }
+
+    fn run_with(format: Format, columns: TextColumns, records: &[Record]) -> String {
         let mut buf = Vec::new();
         {
             let mut w = writer(format, &mut buf, columns);
@@ -264,6 +418,259 @@ mod tests {
         assert_eq!(
             run(Format::Text, true, &[record]),
             "a.jpg\twhat is it?\ta cat\n"
+        );
+    }
+
+    /// A caption no line-based format keeps intact without quoting.
+    const AWKWARD: &str = "a \"dog\", a cat\tand a bird\non grass\r\n— 猫と犬 🐕";
+
+    fn caption(path: &str, text: &str) -> Record {
+        Record {
+            path: path.into(),
+            outcome: Outcome::Caption(text.into()),
+        }
+    }
+
+    fn answer(path: &str, question: &str, text: &str) -> Record {
+        Record {
+            path: path.into(),
+            outcome: Outcome::Caption(CaptionOutput {
+                question: Some(question.into()),
+                ..CaptionOutput::from(text)
+            }),
+        }
+    }
+
+    fn error(path: &str, reason: &str) -> Record {
+        Record {
+            path: path.into(),
+            outcome: Outcome::Error(reason.into()),
+        }
+    }
+
+    fn ranked(path: &str, text: &str, rank: usize, score: f32) -> Record {
+        Record {
+            path: path.into(),
+            outcome: Outcome::Caption(CaptionOutput {
+                rank: Some(rank),
+                score: Some(score),
+                ..CaptionOutput::from(text)
+            }),
+        }
+    }
+
+    /// Parses csv or tsv output with the csv crate's reader: the header, then the rows.
+    fn parse_delimited(out: &str, delimiter: u8) -> (Vec<String>, Vec<Vec<String>>) {
+        let mut reader = csv::ReaderBuilder::new()
+            .delimiter(delimiter)
+            .has_headers(true)
+            .from_reader(out.as_bytes());
+        let header = reader.headers().unwrap().iter().map(String::from).collect();
+        let rows = reader
+            .records()
+            .map(|r| r.unwrap().iter().map(String::from).collect())
+            .collect();
+        (header, rows)
+    }
+
+    fn strings(fields: &[&str]) -> Vec<String> {
+        fields.iter().map(|f| f.to_string()).collect()
+    }
+
+    #[test]
+    fn json_writes_one_array_that_parses_and_round_trips() {
+        let records = [
+            caption("a, b.jpg", AWKWARD),
+            error("c.jpg", "not an image"),
+            answer("d.jpg", "what's \"this\"?", "a cat"),
+        ];
+        let out = run(Format::Json, true, &records);
+        assert!(out.starts_with("[{") && out.ends_with("}]\n"), "{out:?}");
+        let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!([
+                {"path": "a, b.jpg", "caption": AWKWARD},
+                {"path": "c.jpg", "error": "not an image"},
+                {"path": "d.jpg", "question": "what's \"this\"?", "answer": "a cat"},
+            ])
+        );
+        // The same objects as jsonl, separated by ",\n".
+        let jsonl = run(Format::Jsonl, true, &records);
+        let objects: Vec<&str> = jsonl.lines().collect();
+        assert_eq!(out, format!("[{}]\n", objects.join(",\n")));
+    }
+
+    #[test]
+    fn json_of_an_empty_run_is_an_empty_array() {
+        assert_eq!(run(Format::Json, true, &[]), "[]\n");
+    }
+
+    #[test]
+    fn json_is_unterminated_until_finished() {
+        let mut buf = Vec::new();
+        {
+            let mut w = writer(Format::Json, &mut buf, TextColumns::default());
+            w.write(&caption("a.jpg", "a dog")).unwrap();
+            w.write(&caption("b.jpg", "a cat")).unwrap();
+        }
+        let partial = String::from_utf8(buf).unwrap();
+        assert_eq!(
+            partial,
+            "[{\"path\":\"a.jpg\",\"caption\":\"a dog\"},\n{\"path\":\"b.jpg\",\"caption\":\"a cat\"}"
+        );
+        assert!(serde_json::from_str::<serde_json::Value>(&partial).is_err());
+    }
+
+    #[test]
+    fn json_carries_rank_and_score_when_present() {
+        let out = run(Format::Json, true, &[ranked("a.jpg", "a dog", 1, -0.5)]);
+        let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!([{"path": "a.jpg", "caption": "a dog", "rank": 1, "score": -0.5}])
+        );
+    }
+
+    #[test]
+    fn csv_and_tsv_round_trip_awkward_captions_and_errors() {
+        let columns = TextColumns::default();
+        let records = [
+            caption("a, \"b\".jpg", AWKWARD),
+            error("c\td.jpg", "not an image, or \"broken\""),
+            caption("e.jpg", "plain"),
+        ];
+        for (format, delimiter) in [(Format::Csv, b','), (Format::Tsv, b'\t')] {
+            let out = run_with(format, columns, &records);
+            let (header, rows) = parse_delimited(&out, delimiter);
+            assert_eq!(header, strings(&["path", "caption", "error"]), "{format:?}");
+            assert_eq!(
+                rows,
+                vec![
+                    strings(&["a, \"b\".jpg", AWKWARD, ""]),
+                    strings(&["c\td.jpg", "", "not an image, or \"broken\""]),
+                    strings(&["e.jpg", "plain", ""]),
+                ],
+                "{format:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn csv_and_tsv_quote_only_where_needed() {
+        let records = [
+            caption("a.jpg", "a dog, running"),
+            caption("b.jpg", "a\tcat"),
+        ];
+        assert_eq!(
+            run_with(Format::Csv, TextColumns::default(), &records),
+            "path,caption,error\na.jpg,\"a dog, running\",\nb.jpg,a\tcat,\n"
+        );
+        assert_eq!(
+            run_with(Format::Tsv, TextColumns::default(), &records),
+            "path\tcaption\terror\na.jpg\ta dog, running\t\nb.jpg\t\"a\tcat\"\t\n"
+        );
+    }
+
+    #[test]
+    fn csv_and_tsv_have_question_and_answer_columns_for_answers() {
+        let columns = TextColumns {
+            question: true,
+            ..TextColumns::default()
+        };
+        let records = [
+            answer("a.jpg", "what is it, \"really\"?", AWKWARD),
+            error("b.jpg", "not an image"),
+        ];
+        for (format, delimiter) in [(Format::Csv, b','), (Format::Tsv, b'\t')] {
+            let (header, rows) = parse_delimited(&run_with(format, columns, &records), delimiter);
+            assert_eq!(header, strings(&["path", "question", "answer", "error"]));
+            assert_eq!(
+                rows,
+                vec![
+                    strings(&["a.jpg", "what is it, \"really\"?", AWKWARD, ""]),
+                    strings(&["b.jpg", "", "", "not an image"]),
+                ],
+                "{format:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn csv_and_tsv_add_rank_and_score_columns_when_ranked() {
+        let plain = TextColumns {
+            ranked: true,
+            ..TextColumns::default()
+        };
+        let records = [
+            ranked("a.jpg", "a dog", 1, -0.25),
+            ranked("a.jpg", "a \"dog\", outside", 2, -1.5),
+            error("b.jpg", "not an image"),
+        ];
+        for (format, delimiter) in [(Format::Csv, b','), (Format::Tsv, b'\t')] {
+            let (header, rows) = parse_delimited(&run_with(format, plain, &records), delimiter);
+            assert_eq!(
+                header,
+                strings(&["path", "caption", "rank", "score", "error"])
+            );
+            assert_eq!(
+                rows,
+                vec![
+                    strings(&["a.jpg", "a dog", "1", "-0.25", ""]),
+                    strings(&["a.jpg", "a \"dog\", outside", "2", "-1.5", ""]),
+                    strings(&["b.jpg", "", "", "", "not an image"]),
+                ],
+                "{format:?}"
+            );
+        }
+        let asked = TextColumns {
+            question: true,
+            ranked: true,
+            ..TextColumns::default()
+        };
+        let record = Record {
+            path: "a.jpg".into(),
+            outcome: Outcome::Caption(CaptionOutput {
+                question: Some("what?".into()),
+                rank: Some(1),
+                score: None,
+                text: "a cat".into(),
+            }),
+        };
+        let (header, rows) = parse_delimited(&run_with(Format::Csv, asked, &[record]), b',');
+        assert_eq!(
+            header,
+            strings(&["path", "question", "answer", "rank", "score", "error"])
+        );
+        assert_eq!(
+            rows,
+            vec![strings(&["a.jpg", "what?", "a cat", "1", "", ""])]
+        );
+    }
+
+    #[test]
+    fn csv_and_tsv_of_an_empty_run_are_the_header_alone() {
+        assert_eq!(
+            run_with(Format::Csv, TextColumns::default(), &[]),
+            "path,caption,error\n"
+        );
+        assert_eq!(
+            run_with(Format::Tsv, TextColumns::default(), &[]),
+            "path\tcaption\terror\n"
+        );
+    }
+
+    #[test]
+    fn csv_rows_are_written_whole_as_each_record_arrives() {
+        let mut buf = Vec::new();
+        {
+            let mut w = writer(Format::Csv, &mut buf, TextColumns::default());
+            w.write(&caption("a.jpg", "two\nlines")).unwrap();
+        }
+        // No finish(): the header and the (multi-line) row are already out.
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            "path,caption,error\na.jpg,\"two\nlines\",\n"
         );
     }
 }

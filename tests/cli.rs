@@ -109,8 +109,10 @@ fn several_images_print_path_tab_caption_and_bad_files_fail_the_run() {
     let err = stderr(&out);
     let lines: Vec<&str> = err.lines().collect();
     assert_eq!(lines.len(), 2, "one line per failed file: {err}");
-    assert!(lines[0].contains(&broken.display().to_string()), "{err}");
-    assert!(lines[1].contains(&missing.display().to_string()), "{err}");
+    // Paths that do not exist are found while gathering inputs, before any
+    // image is decoded, so they are reported first.
+    assert!(lines[0].contains(&missing.display().to_string()), "{err}");
+    assert!(lines[1].contains(&broken.display().to_string()), "{err}");
 }
 
 #[test]
