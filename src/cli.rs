@@ -1,7 +1,7 @@
 //! The command line: clap structs, resolved once into a validated run, then
 //! executed over the library.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -293,6 +293,61 @@ fn generation_flags(args: &CaptionArgs) -> GenerationDefaults {
     }
 }
 
+/// The pixels of one input: a file, or an address to download.
+fn load_input(
+    input: &Input,
+    options: &LoadOptions,
+) -> Result<image::RgbImage, crate::image::ImageError> {
+    if inputs::is_url(&input.shown) {
+        crate::fetch::load_url(&input.shown, options)
+    } else {
+        crate::image::load_rgb8(&input.path, options)
+    }
+}
+
+/// A progress bar with rate and ETA on stderr, only when stderr is a terminal
+/// (never in pipes or logs) and not `--quiet`; messages for people go through
+/// it so they do not tear the bar.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress {
+    fn new(total: usize, quiet: bool) -> Self {
+        let shown = !quiet && std::io::stderr().is_terminal() && total > 1;
+        let bar = shown.then(|| {
+            let bar = indicatif::ProgressBar::new(total as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} images  {per_sec}  ETA {eta}",
+                )
+                .expect("a valid template"),
+            );
+            bar
+        });
+        Self { bar }
+    }
+
+    fn println(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.suspend(|| eprintln!("{line}")),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn advance(&self) {
+        if let Some(bar) = &self.bar {
+            bar.inc(1);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
 /// Turns the first Ctrl-C into a request to stop after the batch in hand (so
 /// every line and sidecar written is whole); a second one ends the process at once.
 fn stop_on_ctrl_c() -> Arc<AtomicBool> {
@@ -530,83 +585,108 @@ fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStatus> 
     }
     let batch_size = args.batch_size as usize;
     let interrupted = stop_on_ctrl_c();
+    let progress = Progress::new(inputs.len(), args.quiet);
     let mut done = 0;
-    for chunk in inputs.chunks(batch_size) {
-        if interrupted.load(Ordering::SeqCst) {
-            eprintln!(
-                "caption: interrupted after {done} of {} images; every result written is complete",
-                inputs.len()
-            );
-            status = RunStatus::Interrupted;
-            break;
-        }
-        done += chunk.len();
-        let mut loaded = Vec::with_capacity(chunk.len());
-        let mut streams = Vec::with_capacity(chunk.len());
-        let mut records = Vec::with_capacity(chunk.len());
-        for input in chunk {
-            match crate::image::load_rgb8(&input.path, &load_options) {
-                Ok(image) => {
-                    loaded.push(image);
-                    // Each image's random stream is named by its path, so a
-                    // sampled caption is the same whatever else is in the run
-                    // (batch size, shards, skipped images).
-                    streams.push(inputs::fnv1a64(input.shown.as_bytes()));
-                    records.push((input, None));
-                }
-                Err(err) => {
-                    eprintln!("caption: {}: {err}", input.shown);
-                    status = RunStatus::SomeFailed;
-                    records.push((input, Some(err.to_string())));
+    std::thread::scope(|scope| -> Result<()> {
+        // Decoding and resizing the next batch overlaps with the model's work
+        // on this one; one batch ahead is enough to hide it.
+        let (ready, batches) = std::sync::mpsc::sync_channel(1);
+        let inputs = &inputs;
+        scope.spawn(move || {
+            for chunk in inputs.chunks(batch_size) {
+                let decoded: Vec<_> = chunk
+                    .iter()
+                    .map(|input| (input, load_input(input, &load_options)))
+                    .collect();
+                if ready.send(decoded).is_err() {
+                    break; // the run stopped
                 }
             }
-        }
-        let mut results = if asking {
-            answer_outputs(captioner.answer_with_streams(
-                &loaded,
-                &args.ask,
-                &streams,
-                &request.generation,
-            )?)
-        } else {
-            caption_outputs(captioner.caption_with_streams(&loaded, &streams, &request)?)
-        }
-        .into_iter();
-        for (input, error) in records {
-            let path = input.shown.clone();
-            let outputs = match error {
-                Some(reason) => Err(reason),
-                None => {
-                    let outputs = results.next().expect("results for every loaded image");
-                    match sidecar
-                        .as_ref()
-                        .map(|s| s.write(&input.path, &outputs[0].text))
-                    {
-                        Some(Err(err)) => {
-                            eprintln!("caption: {path}: {err:#}");
-                            status = RunStatus::SomeFailed;
-                            Err(format!("{err:#}"))
+        });
+        for decoded in batches {
+            if interrupted.load(Ordering::SeqCst) {
+                progress.println(&format!(
+                    "caption: interrupted after {done} of {} images; every result written is complete",
+                    inputs.len()
+                ));
+                status = RunStatus::Interrupted;
+                break;
+            }
+            done += decoded.len();
+            let mut loaded = Vec::with_capacity(decoded.len());
+            let mut streams = Vec::with_capacity(decoded.len());
+            let mut records = Vec::with_capacity(decoded.len());
+            for (input, image) in decoded {
+                match image {
+                    Ok(image) => {
+                        loaded.push(image);
+                        // Each image's random stream is named by its path, so a
+                        // sampled caption is the same whatever else is in the run
+                        // (batch size, shards, skipped images).
+                        streams.push(inputs::fnv1a64(input.shown.as_bytes()));
+                        records.push((input, None));
+                    }
+                    Err(err) => {
+                        progress.println(&format!("caption: {}: {err}", input.shown));
+                        status = RunStatus::SomeFailed;
+                        records.push((input, Some(err.to_string())));
+                    }
+                }
+            }
+            let mut results = if asking {
+                answer_outputs(captioner.answer_with_streams(
+                    &loaded,
+                    &args.ask,
+                    &streams,
+                    &request.generation,
+                )?)
+            } else {
+                caption_outputs(captioner.caption_with_streams(&loaded, &streams, &request)?)
+            }
+            .into_iter();
+            for (input, error) in records {
+                let path = input.shown.clone();
+                let outputs = match error {
+                    Some(reason) => Err(reason),
+                    None => {
+                        let outputs = results.next().expect("results for every loaded image");
+                        let write_sidecar = |s: &SidecarOptions| {
+                            anyhow::ensure!(
+                                !inputs::is_url(&input.shown),
+                                "a downloaded image has no folder for a sidecar"
+                            );
+                            s.write(&input.path, &outputs[0].text)
+                        };
+                        match sidecar.as_ref().map(write_sidecar) {
+                            Some(Err(err)) => {
+                                progress.println(&format!("caption: {path}: {err:#}"));
+                                status = RunStatus::SomeFailed;
+                                Err(format!("{err:#}"))
+                            }
+                            _ => Ok(outputs),
                         }
-                        _ => Ok(outputs),
+                    }
+                };
+                match outputs {
+                    Err(reason) => writer.write(&Record {
+                        path,
+                        outcome: Outcome::Error(reason),
+                    })?,
+                    Ok(outputs) => {
+                        for output in outputs {
+                            writer.write(&Record {
+                                path: path.clone(),
+                                outcome: Outcome::Caption(output),
+                            })?;
+                        }
                     }
                 }
-            };
-            match outputs {
-                Err(reason) => writer.write(&Record {
-                    path,
-                    outcome: Outcome::Error(reason),
-                })?,
-                Ok(outputs) => {
-                    for output in outputs {
-                        writer.write(&Record {
-                            path: path.clone(),
-                            outcome: Outcome::Caption(output),
-                        })?;
-                    }
-                }
+                progress.advance();
             }
         }
-    }
+        Ok(())
+    })?;
+    progress.finish();
     writer.finish()?;
     Ok(status)
 }

@@ -83,6 +83,12 @@ pub fn collect(
     (out.inputs, out.problems)
 }
 
+/// An `http://` or `https://` address rather than a file.
+pub fn is_url(arg: &str) -> bool {
+    let lower = arg.get(..8).unwrap_or(arg).to_ascii_lowercase();
+    lower.starts_with("http://") || lower.starts_with("https://")
+}
+
 #[derive(Default)]
 struct Collected {
     inputs: Vec<Input>,
@@ -99,6 +105,11 @@ impl Collected {
 
     /// One argument, from the command line or a stdin line.
     fn argument(&mut self, shown: String, path: PathBuf, opts: &CollectOptions) {
+        if is_url(&shown) {
+            // Fetched when its batch is loaded (see `crate::fetch`).
+            self.inputs.push(Input { shown, path });
+            return;
+        }
         match fs::metadata(&path) {
             Ok(meta) if meta.is_dir() => self.folder(shown, path, opts),
             Ok(_) => self.inputs.push(Input { shown, path }),

@@ -9,6 +9,7 @@
 
 pub mod captioner;
 pub mod cli;
+pub mod fetch;
 pub mod generate;
 pub mod hub;
 pub mod image;

@@ -581,3 +581,74 @@ fn a_vqa_model_without_a_question_is_a_usage_error() {
     let err = assert_one_line_error(&out, "VQA model without --ask");
     assert!(err.contains("--ask"), "{err}");
 }
+
+/// A one-thread HTTP server on loopback: `/NAME` serves fixture image NAME,
+/// anything else 404. Returns its base address.
+fn serve_images() -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let mut stream = stream.unwrap();
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request = String::new();
+            reader.read_line(&mut request).unwrap();
+            loop {
+                let mut header = String::new();
+                if reader.read_line(&mut header).unwrap() == 0 || header == "\r\n" {
+                    break;
+                }
+            }
+            let name = request
+                .split(' ')
+                .nth(1)
+                .unwrap_or("/")
+                .trim_start_matches('/');
+            let (status, body) = match std::fs::read(image(name)) {
+                Ok(bytes) if !name.is_empty() => ("200 OK", bytes),
+                _ => ("404 Not Found", b"no such image".to_vec()),
+            };
+            let head = format!(
+                "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes());
+            let _ = stream.write_all(&body);
+        }
+    });
+    address
+}
+
+#[test]
+fn images_can_be_given_as_urls() {
+    let home = tempfile::tempdir().unwrap();
+    let base = serve_images();
+    let good = format!("{base}/chelsea.png");
+    let missing = format!("{base}/nothing.png");
+    let out = caption(home.path())
+        .args(["--format", "jsonl", "-m"])
+        .arg(model_dir())
+        .args([&good, &missing])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let records: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records[0]["path"], good.as_str());
+    assert_eq!(
+        records[0]["caption"],
+        reference_text("chelsea.png").as_str()
+    );
+    assert_eq!(records[1]["path"], missing.as_str());
+    assert!(
+        records[1]["error"].as_str().unwrap().contains("404"),
+        "{records:?}"
+    );
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    // The size cap.
+    let err = caption::fetch::download(&good, 100).unwrap_err();
+    assert!(err.contains("larger than 100 bytes"), "{err}");
+}
