@@ -33,6 +33,9 @@ pub struct Cli {
 pub enum Command {
     /// List the model aliases, and whether each is already in the local cache.
     Models,
+    /// Talk about one image with a BLIP-2 model: questions are read from stdin
+    /// line by line, each answered with the conversation so far in the prompt.
+    Chat(Box<ChatArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -100,14 +103,41 @@ pub struct CaptionArgs {
     #[arg(short, long, env = "CAPTION_MODEL")]
     pub model: Option<String>,
 
-    /// Ask a question about each image (needs a VQA model); repeat to ask several.
+    /// Ask a question about each image (needs a VQA or BLIP-2 model); repeat to ask several.
     #[arg(long, value_name = "QUESTION")]
     pub ask: Vec<String>,
 
-    /// Start every caption with this text, e.g. "a picture of" (it is part of the printed caption, as in transformers).
+    /// Start every caption with this text, e.g. "a picture of" (BLIP prints it as part of the caption,
+    /// as transformers does); BLIP-2 continues it as a raw prompt and prints only the continuation.
     #[arg(long)]
     pub prompt: Option<String>,
 
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+
+    /// Images encoded and decoded together. Larger batches use the CPU better; results are identical.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: u32,
+
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+
+    #[command(flatten)]
+    pub decoding: DecodingArgs,
+
+    /// Ignore EXIF orientation (transformers does): use the pixels as stored.
+    #[arg(long)]
+    pub no_exif_rotate: bool,
+
+    /// Print nothing on stderr but errors.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// How to pick the tokens of a caption or answer.
+#[derive(Debug, Args)]
+pub struct DecodingArgs {
     /// Generate at most this many new tokens [default: 20, within the model's position limit].
     #[arg(long, value_name = "N", help_heading = "Decoding")]
     pub max_tokens: Option<usize>,
@@ -164,15 +194,11 @@ pub struct CaptionArgs {
     /// Never repeat an N-token sequence ("bald bald bald").
     #[arg(long, value_name = "N", help_heading = "Decoding")]
     pub no_repeat_ngram: Option<usize>,
+}
 
-    /// Output format.
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    pub format: Format,
-
-    /// Images encoded and decoded together. Larger batches use the CPU better; results are identical.
-    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-    pub batch_size: u32,
-
+/// Where and how the model runs.
+#[derive(Debug, Args)]
+pub struct RuntimeArgs {
     /// Where to run: cpu, cuda, cuda:N, or auto (a GPU if this build supports one and it is present).
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -184,12 +210,30 @@ pub struct CaptionArgs {
     /// CPU threads for the model [default: all cores].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub threads: Option<u32>,
+}
+
+/// `caption chat IMAGE`.
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    /// The image to talk about.
+    #[arg(value_name = "IMAGE")]
+    pub image: String,
+
+    /// A BLIP-2 model: an alias (see `caption models`), a Hub id, or a local folder.
+    #[arg(short, long, env = "CAPTION_CHAT_MODEL", default_value = DEFAULT_CHAT_MODEL)]
+    pub model: String,
+
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+
+    #[command(flatten)]
+    pub decoding: DecodingArgs,
 
     /// Ignore EXIF orientation (transformers does): use the pixels as stored.
     #[arg(long)]
     pub no_exif_rotate: bool,
 
-    /// Print nothing on stderr but errors.
+    /// Print nothing on stderr but errors and notices about the conversation.
     #[arg(short, long)]
     pub quiet: bool,
 }
@@ -248,6 +292,7 @@ pub fn run(cli: Cli) -> Result<RunStatus> {
     let registry = Registry::builtin();
     match cli.command {
         Some(Command::Models) => list_models(&registry),
+        Some(Command::Chat(args)) => crate::chat::run(&args, &registry),
         None => caption_images(&cli.caption, &registry),
     }
 }
@@ -276,7 +321,7 @@ fn list_models(registry: &Registry) -> Result<RunStatus> {
 
 /// The decoding settings the flags set; unset ones are left to the model's
 /// defaults (see [`GenerationDefaults`]).
-fn generation_flags(args: &CaptionArgs) -> GenerationDefaults {
+pub fn generation_flags(args: &DecodingArgs) -> GenerationDefaults {
     GenerationDefaults {
         max_new_tokens: args.max_tokens,
         min_new_tokens: args.min_tokens,
@@ -302,6 +347,18 @@ fn load_input(
         crate::fetch::load_url(&input.shown, options)
     } else {
         crate::image::load_rgb8(&input.path, options)
+    }
+}
+
+/// The pixels of one image named on the command line: a path or an address.
+pub fn load_image(
+    shown: &str,
+    options: &LoadOptions,
+) -> Result<image::RgbImage, crate::image::ImageError> {
+    if inputs::is_url(shown) {
+        crate::fetch::load_url(shown, options)
+    } else {
+        crate::image::load_rgb8(std::path::Path::new(shown), options)
     }
 }
 
@@ -398,7 +455,42 @@ fn skip_captioned(inputs: Vec<Input>, sidecar: Option<&SidecarOptions>) -> (Vec<
     (kept, skipped)
 }
 
+/// Fetches and loads a model, applies its alias's settings, and shows the
+/// notes about how it was loaded (unless `quiet`).
+pub fn load_captioner(
+    source: &hub::ModelSource,
+    entry: Option<&crate::registry::Entry>,
+    runtime: &RuntimeOptions,
+    quiet: bool,
+) -> Result<Captioner> {
+    let files = hub::fetch(source)?;
+    let mut captioner = Captioner::load(&files, runtime)?;
+    if let Some(template) = entry.and_then(|e| e.question_template.as_deref()) {
+        captioner.set_question_template(template)?;
+    }
+    if !quiet {
+        for note in captioner.notes() {
+            eprintln!("caption: note: {source}: {note}");
+        }
+    }
+    Ok(captioner)
+}
+
+/// `--device`, `--dtype` and `--threads`, applied.
+pub fn runtime_options(args: &RuntimeArgs) -> Result<RuntimeOptions> {
+    if let Some(threads) = args.threads {
+        // candle's CPU kernels size their thread pools from this variable; we
+        // are still single-threaded here, before any of them start.
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    Ok(RuntimeOptions {
+        device: parse_device(&args.device)?,
+        dtype: args.dtype.dtype(),
+    })
+}
+
 const DEFAULT_CAPTION_MODEL: &str = "blip-base";
+const DEFAULT_CHAT_MODEL: &str = "blip2-opt-2.7b";
 const DEFAULT_VQA_MODEL: &str = "blip-vqa-base";
 
 /// Refuses to caption with a VQA model or to answer with a captioning one,
@@ -412,7 +504,7 @@ fn check_task(model: &str, task: Task, asking: bool) -> Result<()> {
         (Task::Vqa, false) => bail!(
             "{model} answers questions: pass --ask QUESTION, or caption with e.g. --model {DEFAULT_CAPTION_MODEL}"
         ),
-        _ => Ok(()),
+        (Task::Caption | Task::Vqa | Task::Chat, _) => Ok(()),
     }
 }
 
@@ -478,18 +570,10 @@ fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStatus> 
     if args.images.is_empty() {
         bail!("no images given (try `caption photo.jpg`, or `caption --help`)");
     }
-    if let Some(threads) = args.threads {
-        // candle's CPU kernels size their thread pools from this variable; we
-        // are still single-threaded here, before any of them start.
-        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    }
-    let runtime = RuntimeOptions {
-        device: parse_device(&args.device)?,
-        dtype: args.dtype.dtype(),
-    };
-    let flags = generation_flags(args);
+    let runtime = runtime_options(&args.runtime)?;
+    let flags = generation_flags(&args.decoding);
     // Bad flag values fail before any download or model load.
-    flags.resolve(args.seed).validate()?;
+    flags.resolve(args.decoding.seed).validate()?;
     let asking = !args.ask.is_empty();
     if let Some(empty) = args.ask.iter().position(|q| q.trim().is_empty()) {
         bail!("--ask number {} is empty: ask a question", empty + 1);
@@ -498,7 +582,10 @@ fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStatus> 
         bail!("--sidecar writes captions; it cannot be combined with --ask");
     }
     if asking && args.prompt.is_some() {
-        bail!("--prompt steers captions; a VQA model answers --ask questions without one");
+        bail!(
+            "--prompt and --ask cannot be combined: --ask makes the prompt from the question \
+             (with BLIP-2, pass a whole prompt with --prompt instead)"
+        );
     }
     let model = args.model.as_deref().unwrap_or(if asking {
         DEFAULT_VQA_MODEL
@@ -509,22 +596,13 @@ fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStatus> 
     if let Some(entry) = entry {
         check_task(model, entry.task, asking)?;
     }
-    let files = hub::fetch(&source)?;
-    let captioner = Captioner::load(&files, &runtime)?;
-    check_task(
-        model,
-        if captioner.answers_questions() {
-            Task::Vqa
-        } else {
-            Task::Caption
-        },
-        asking,
-    )?;
-    if !args.quiet {
-        for note in captioner.notes() {
-            eprintln!("caption: note: {source}: {note}");
-        }
-    }
+    let captioner = load_captioner(&source, entry, &runtime, args.quiet)?;
+    let task = match (captioner.captions(), captioner.answers_questions()) {
+        (true, true) => Task::Chat,
+        (false, _) => Task::Vqa,
+        (true, false) => Task::Caption,
+    };
+    check_task(model, task, asking)?;
     let request = CaptionRequest {
         prompt: args.prompt.clone(),
         // Flags, then the checkpoint's generation_config.json (where the
@@ -532,7 +610,7 @@ fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStatus> 
         generation: flags
             .or(captioner.generation_defaults())
             .or(&entry.map(|e| e.generation.clone()).unwrap_or_default())
-            .resolve(args.seed),
+            .resolve(args.decoding.seed),
     };
     request.generation.validate()?;
     let load_options = LoadOptions {

@@ -8,6 +8,7 @@
 //! [`Captioner`] ties them together; the `caption` binary is a thin CLI over it.
 
 pub mod captioner;
+pub mod chat;
 pub mod cli;
 pub mod fetch;
 pub mod generate;
@@ -21,6 +22,7 @@ pub mod sidecar;
 pub mod tokenizer;
 pub mod weights;
 
+pub use captioner::blip2::{Conversation, Reply, Turn};
 pub use captioner::{Answer, Caption, CaptionRequest, Captioner, RuntimeOptions};
 
 use std::path::Path;

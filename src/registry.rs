@@ -20,6 +20,10 @@ pub enum Family {
     /// `BlipForQuestionAnswering`: answers questions about an image.
     #[serde(rename = "blip-vqa")]
     BlipVqa,
+    /// `Blip2ForConditionalGeneration` with an OPT language model: captions,
+    /// answers questions through a prompt template, converses.
+    #[serde(rename = "blip2-opt")]
+    Blip2Opt,
 }
 
 impl Family {
@@ -32,6 +36,8 @@ impl Family {
         match self {
             // Both hand over to their text decoder's own generation config.
             Self::Blip | Self::BlipVqa => false,
+            // Also hands over, to the language model built from text_config.
+            Self::Blip2Opt => false,
         }
     }
 
@@ -40,6 +46,7 @@ impl Family {
         architectures.iter().find_map(|a| match a.as_str() {
             "BlipForConditionalGeneration" => Some(Self::Blip),
             "BlipForQuestionAnswering" => Some(Self::BlipVqa),
+            "Blip2ForConditionalGeneration" => Some(Self::Blip2Opt),
             _ => None,
         })
     }
@@ -51,6 +58,8 @@ impl Family {
 pub enum Task {
     Caption,
     Vqa,
+    /// Captions, answers `--ask` questions and holds a conversation (`caption chat`).
+    Chat,
 }
 
 impl std::fmt::Display for Family {
@@ -58,6 +67,7 @@ impl std::fmt::Display for Family {
         f.write_str(match self {
             Self::Blip => "blip",
             Self::BlipVqa => "blip-vqa",
+            Self::Blip2Opt => "blip2-opt",
         })
     }
 }
@@ -67,6 +77,7 @@ impl std::fmt::Display for Task {
         f.write_str(match self {
             Self::Caption => "caption",
             Self::Vqa => "vqa",
+            Self::Chat => "chat",
         })
     }
 }
@@ -89,6 +100,10 @@ pub struct Entry {
     /// field names), below the flags and the checkpoint's generation_config.json.
     #[serde(default)]
     pub generation: crate::generate::GenerationDefaults,
+    /// How `--ask` turns a question into a prompt for a model that continues
+    /// text (BLIP-2): `{}` stands for the question.
+    #[serde(default)]
+    pub question_template: Option<String>,
 }
 
 impl Entry {
@@ -116,6 +131,12 @@ impl Registry {
                 "models.toml: `{name}` has repo `{}`, expected owner/name",
                 entry.repo
             );
+            if let Some(template) = &entry.question_template {
+                anyhow::ensure!(
+                    template.contains("{}"),
+                    "models.toml: `{name}` has question_template {template:?} with no {{}} for the question"
+                );
+            }
         }
         Ok(Self { entries })
     }
@@ -185,5 +206,32 @@ mod tests {
         assert_eq!(defaults.max_new_tokens, Some(30));
         let config = defaults.resolve(0);
         assert_eq!(config.early_stopping, crate::generate::EarlyStopping::Never);
+    }
+
+    #[test]
+    fn blip2_aliases_converse_and_carry_their_question_template() {
+        let registry = Registry::builtin();
+        for name in ["blip2-opt-2.7b", "blip2-opt-6.7b"] {
+            let entry = registry.get(name).unwrap();
+            assert_eq!(entry.family, Family::Blip2Opt, "{name}");
+            assert_eq!(entry.task, Task::Chat, "{name}");
+            assert_eq!(
+                entry.question_template.as_deref(),
+                Some("Question: {} Answer:")
+            );
+        }
+    }
+
+    #[test]
+    fn a_question_template_without_a_slot_is_rejected() {
+        let err = Registry::parse(
+            "[x]\nrepo = \"a/b\"\nrevision = \"main\"\nfamily = \"blip2-opt\"\ntask = \"chat\"\n\
+             question_template = \"Question: Answer:\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("no {} for the question"),
+            "{err:#}"
+        );
     }
 }

@@ -49,6 +49,15 @@ impl TextCodec {
         Ok(encoding.get_ids().to_vec())
     }
 
+    /// Token ids of `text` alone, without special tokens.
+    pub fn encode_without_special_tokens(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| anyhow::anyhow!("tokenizing {text:?}: {e}"))?;
+        Ok(encoding.get_ids().to_vec())
+    }
+
     /// The text of `ids` without special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         let text = self

@@ -2,6 +2,8 @@
 //! the tiny fixture model, through a model folder and through an offline
 //! Hugging Face cache.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -143,31 +145,12 @@ fn jsonl_has_one_record_per_image_with_errors_inline() {
     assert_eq!(records[2]["caption"], reference_text("one_pixel.png"));
 }
 
-/// Lays the fixture model out as huggingface_hub does in `$HF_HOME/hub`:
-/// blobs, a snapshot per commit, and a ref naming the commit.
-fn populate_hub_cache(hf_home: &Path, repo: &str, commit: &str) {
-    let repo_dir = hf_home
-        .join("hub")
-        .join(format!("models--{}", repo.replace('/', "--")));
-    let snapshot = repo_dir.join("snapshots").join(commit);
-    std::fs::create_dir_all(&snapshot).unwrap();
-    std::fs::create_dir_all(repo_dir.join("blobs")).unwrap();
-    std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
-    std::fs::write(repo_dir.join("refs/main"), commit).unwrap();
-    for entry in std::fs::read_dir(model_dir()).unwrap() {
-        let entry = entry.unwrap();
-        let blob = repo_dir.join("blobs").join(entry.file_name());
-        std::fs::copy(entry.path(), &blob).unwrap();
-        std::os::unix::fs::symlink(&blob, snapshot.join(entry.file_name())).unwrap();
-    }
-}
-
 #[test]
 fn a_cached_hub_model_loads_offline_by_repo_id_and_by_commit() {
     let home = tempfile::tempdir().unwrap();
     let hf_home = home.path().join("hf");
     let commit = "3b7c1d8e9f0a1b2c3d4e5f60718293a4b5c6d7e8";
-    populate_hub_cache(&hf_home, "fixture-org/blip-tiny", commit);
+    common::populate_hub_cache(&hf_home, "fixture-org/blip-tiny", commit, &model_dir());
     for spec in [
         "fixture-org/blip-tiny".to_string(),
         format!("fixture-org/blip-tiny@{commit}"),

@@ -12,8 +12,6 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use caption::generate::{GenerationConfig, GenerationDefaults};
-use caption::hub::{self, ModelSource};
-use caption::{Captioner, RuntimeOptions};
 use common::{max_abs, max_abs_diff};
 use serde::Deserialize;
 
@@ -50,16 +48,6 @@ fn reference() -> (Reference, HashMap<String, Tensor>) {
     (serde_json::from_str(&json).unwrap(), tensors)
 }
 
-fn load(dtype: Option<DType>) -> Captioner {
-    let dir = common::fixtures().join("models/blip-vqa-tiny");
-    let files = hub::fetch(&ModelSource::Folder(dir)).unwrap();
-    let runtime = RuntimeOptions {
-        device: Device::Cpu,
-        dtype,
-    };
-    Captioner::load(&files, &runtime).unwrap()
-}
-
 fn tensor(tensors: &HashMap<String, Tensor>, key: &str, name: &str) -> Tensor {
     tensors[&format!("{key}.{name}")].unsqueeze(0).unwrap()
 }
@@ -83,7 +71,7 @@ fn recorded_decisions_are_clear_of_float_noise() {
 #[test]
 fn questions_tokenize_as_the_processor_does() {
     let (reference, _) = reference();
-    let vqa = load(None);
+    let vqa = common::load_as("blip-vqa-tiny", None);
     for case in &reference.cases {
         assert_eq!(
             vqa.question_ids(&case.question).unwrap(),
@@ -99,7 +87,7 @@ fn questions_tokenize_as_the_processor_does() {
 #[test]
 fn float64_question_embeds_and_first_logits_match_transformers() {
     let (reference, tensors) = reference();
-    let vqa = load(Some(DType::F64));
+    let vqa = common::load_as("blip-vqa-tiny", Some(DType::F64));
     for case in &reference.cases {
         let image_embeds = tensor(&tensors, &case.key, "image_embeds_f64");
         let expected = tensor(&tensors, &case.key, "question_embeds_f64");
@@ -133,7 +121,7 @@ fn float64_question_embeds_and_first_logits_match_transformers() {
 #[test]
 fn float32_question_embeds_and_first_logits_are_as_accurate_as_transformers() {
     let (reference, tensors) = reference();
-    let vqa = load(None);
+    let vqa = common::load_as("blip-vqa-tiny", None);
     for case in &reference.cases {
         let what = format!("{} {:?}", case.image, case.question);
         let exact = tensor(&tensors, &case.key, "question_embeds_f64");
@@ -171,7 +159,7 @@ fn torch_question(tensors: &HashMap<String, Tensor>, key: &str) -> Tensor {
 #[test]
 fn answers_match_transformers_from_the_same_image_embeds() {
     let (reference, tensors) = reference();
-    let vqa = load(None);
+    let vqa = common::load_as("blip-vqa-tiny", None);
     for case in &reference.cases {
         let what = format!("{} {:?}", case.image, case.question);
         let image_embeds = tensor(&tensors, &case.key, "image_embeds");
@@ -210,7 +198,7 @@ fn answers_match_transformers_from_the_same_image_embeds() {
 #[test]
 fn several_images_and_questions_at_once_match_one_at_a_time() {
     let (reference, _) = reference();
-    let vqa = load(None);
+    let vqa = common::load_as("blip-vqa-tiny", None);
     let mut images: Vec<String> = reference.cases.iter().map(|c| c.image.clone()).collect();
     images.dedup();
     let mut questions: Vec<String> = Vec::new();
@@ -251,7 +239,7 @@ fn several_images_and_questions_at_once_match_one_at_a_time() {
 
 #[test]
 fn empty_and_overlong_questions_are_clear_errors() {
-    let vqa = load(None);
+    let vqa = common::load_as("blip-vqa-tiny", None);
     let embeds = Tensor::zeros((1, 37, 36), DType::F32, &Device::Cpu).unwrap();
     let ask = |q: &str| {
         vqa.answer_embeds(
@@ -271,7 +259,7 @@ fn empty_and_overlong_questions_are_clear_errors() {
 
 #[test]
 fn a_vqa_model_refuses_to_caption() {
-    let vqa = load(None);
+    let vqa = common::load_as("blip-vqa-tiny", None);
     assert!(vqa.answers_questions());
     let err = vqa
         .caption(

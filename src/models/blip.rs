@@ -44,6 +44,30 @@ pub struct VisionConfig {
     pub hidden_act: String,
     #[serde(default = "defaults::vision_layer_norm_eps")]
     pub layer_norm_eps: f64,
+    /// BLIP's qkv projection always has a bias; BLIP-2's has one (its k part
+    /// zero) only when `qkv_bias` is set.
+    #[serde(default = "defaults::yes")]
+    pub qkv_bias: bool,
+}
+
+impl VisionConfig {
+    /// The shapes the encoder needs: whole heads, whole patches, a known activation.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.num_attention_heads > 0 && self.hidden_size % self.num_attention_heads == 0,
+            "vision hidden_size {} is not a multiple of num_attention_heads {}",
+            self.hidden_size,
+            self.num_attention_heads
+        );
+        anyhow::ensure!(
+            self.patch_size > 0 && self.image_size % self.patch_size == 0,
+            "vision image_size {} is not a multiple of patch_size {}",
+            self.image_size,
+            self.patch_size
+        );
+        Activation::from_config_name(&self.hidden_act)?;
+        Ok(())
+    }
 }
 
 /// `BlipTextConfig`; defaults are transformers' for keys a checkpoint omits,
@@ -123,19 +147,7 @@ impl BlipConfig {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        let v = &self.vision_config;
-        anyhow::ensure!(
-            v.num_attention_heads > 0 && v.hidden_size % v.num_attention_heads == 0,
-            "vision hidden_size {} is not a multiple of num_attention_heads {}",
-            v.hidden_size,
-            v.num_attention_heads
-        );
-        anyhow::ensure!(
-            v.patch_size > 0 && v.image_size % v.patch_size == 0,
-            "vision image_size {} is not a multiple of patch_size {}",
-            v.image_size,
-            v.patch_size
-        );
+        self.vision_config.validate()?;
         let t = &self.text_config;
         let heads = t.num_attention_heads();
         anyhow::ensure!(
@@ -143,7 +155,6 @@ impl BlipConfig {
             "text hidden_size {} is not a multiple of num_attention_heads {heads}",
             t.hidden_size
         );
-        Activation::from_config_name(&v.hidden_act)?;
         Activation::from_config_name(&t.hidden_act)?;
         Ok(())
     }
@@ -151,6 +162,9 @@ impl BlipConfig {
 
 mod defaults {
     pub const BERT_HEAD_DIM: usize = 64;
+    pub fn yes() -> bool {
+        true
+    }
     pub fn vision_hidden_size() -> usize {
         768
     }
@@ -268,7 +282,11 @@ impl VisionAttention {
         let d = cfg.hidden_size;
         let head_dim = d / cfg.num_attention_heads;
         Ok(Self {
-            qkv: linear(d, 3 * d, vb.pp("qkv"))?,
+            qkv: if cfg.qkv_bias {
+                linear(d, 3 * d, vb.pp("qkv"))?
+            } else {
+                candle_nn::linear_no_bias(d, 3 * d, vb.pp("qkv"))?
+            },
             projection: linear(d, d, vb.pp("projection"))?,
             num_heads: cfg.num_attention_heads,
             scale: (head_dim as f64).powf(-0.5),

@@ -5,6 +5,8 @@
 //! can be found in the safetensors file by the same path.
 
 pub mod blip;
+pub mod blip2;
+pub mod opt;
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
@@ -67,6 +69,12 @@ pub struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
     eps: f64,
+}
+
+impl LayerNorm {
+    pub fn from_parts(weight: Tensor, bias: Tensor, eps: f64) -> Self {
+        Self { weight, bias, eps }
+    }
 }
 
 impl Module for LayerNorm {

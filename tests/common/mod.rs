@@ -26,8 +26,36 @@ pub fn reference_tensors(name: &str) -> HashMap<String, Tensor> {
 
 /// A fixture model, loaded through `hub::fetch` on its folder.
 pub fn load(name: &str) -> Captioner {
+    load_as(name, None)
+}
+
+/// [`load`] with the weights in `dtype` (`None`: the default, f32 on CPU).
+pub fn load_as(name: &str, dtype: Option<DType>) -> Captioner {
     let files = hub::fetch(&ModelSource::Folder(fixtures().join("models").join(name))).unwrap();
-    Captioner::load(&files, &RuntimeOptions::default()).unwrap()
+    let runtime = RuntimeOptions {
+        device: Device::Cpu,
+        dtype,
+    };
+    Captioner::load(&files, &runtime).unwrap()
+}
+
+/// Lays `folder` out as huggingface_hub does in `$HF_HOME/hub`: a blob per
+/// file, a snapshot of links per commit, and `refs/main` naming the commit.
+pub fn populate_hub_cache(hf_home: &Path, repo: &str, commit: &str, folder: &Path) {
+    let repo_dir = hf_home
+        .join("hub")
+        .join(format!("models--{}", repo.replace('/', "--")));
+    let snapshot = repo_dir.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo_dir.join("blobs")).unwrap();
+    std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
+    std::fs::write(repo_dir.join("refs/main"), commit).unwrap();
+    for entry in std::fs::read_dir(folder).unwrap() {
+        let entry = entry.unwrap();
+        let blob = repo_dir.join("blobs").join(entry.file_name());
+        std::fs::copy(entry.path(), &blob).unwrap();
+        std::os::unix::fs::symlink(&blob, snapshot.join(entry.file_name())).unwrap();
+    }
 }
 
 /// A fixture image as transformers sees it: PIL ignores EXIF orientation.

@@ -1,6 +1,8 @@
 //! A loaded captioning model: preprocessing, encoding and decoding together,
 //! the library's main entry point.
 
+pub mod blip2;
+
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -12,6 +14,7 @@ use crate::image::PreprocessConfig;
 use crate::models::blip::{
     BlipConfig, BlipForConditionalGeneration, BlipForQuestionAnswering, DecoderState, TextDecoder,
 };
+use crate::models::blip2::{Blip2Config, Blip2ForConditionalGeneration};
 use crate::registry::Family;
 use crate::tokenizer::TextCodec;
 use crate::weights;
@@ -49,7 +52,8 @@ pub struct Caption {
     /// The full token sequence, prompt included, as transformers' `generate` returns it.
     pub ids: Vec<u32>,
     /// `decode(ids, skip_special_tokens=True)`: includes the prompt text, as
-    /// transformers prints it.
+    /// transformers prints it. BLIP-2: the new tokens alone, decoded and
+    /// stripped, as its model cards print `batch_decode(new_ids)`.
     pub text: String,
     /// Beam search: the length-penalised log-probability it was ranked by.
     pub score: Option<f32>,
@@ -59,6 +63,8 @@ pub struct Caption {
 enum Model {
     Caption(BlipForConditionalGeneration),
     Vqa(BlipForQuestionAnswering),
+    /// BLIP-2: captions, answers through a question template, and converses.
+    Blip2(Box<Blip2ForConditionalGeneration>),
 }
 
 /// One question about one image, answered.
@@ -78,6 +84,8 @@ pub struct Captioner {
     dtype: DType,
     generation_defaults: GenerationDefaults,
     notes: Vec<String>,
+    /// BLIP-2: how `--ask` turns a question into a prompt (`{}` is the question).
+    question_template: String,
 }
 
 impl Captioner {
@@ -93,8 +101,8 @@ impl Captioner {
         let family = match Family::from_architectures(&architectures) {
             Some(family) => family,
             None => anyhow::bail!(
-                "{} is a {} model; this version runs BlipForConditionalGeneration (captioning) \
-                 and BlipForQuestionAnswering (VQA) models",
+                "{} is a {} model; this version runs BlipForConditionalGeneration (captioning), \
+                 BlipForQuestionAnswering (VQA) and Blip2ForConditionalGeneration (BLIP-2 OPT) models",
                 files.source,
                 if architectures.is_empty() {
                     "model of unknown architecture".to_string()
@@ -103,25 +111,34 @@ impl Captioner {
                 }
             ),
         };
-        let config = BlipConfig::from_json(&config_text)
-            .with_context(|| format!("reading {}", files.config.display()))?;
+        let parsed = match family {
+            Family::Blip | Family::BlipVqa => ParsedConfig::Blip(
+                BlipConfig::from_json(&config_text)
+                    .with_context(|| format!("reading {}", files.config.display()))?,
+            ),
+            Family::Blip2Opt => ParsedConfig::Blip2(
+                Blip2Config::from_json(&config_text)
+                    .with_context(|| format!("reading {}", files.config.display()))?,
+            ),
+        };
         let dtype = runtime.dtype.unwrap_or_else(|| match runtime.device {
             Device::Cpu => DType::F32,
             _ => weights::checkpoint_dtype(&config_json).unwrap_or(DType::F32),
         });
         let preprocess = load_preprocess_config(&files.image_processor)?;
+        let image_size = parsed.image_size();
         anyhow::ensure!(
-            preprocess.height as usize == config.vision_config.image_size
-                && preprocess.width as usize == config.vision_config.image_size,
-            "{} resizes to {}x{} but the vision model expects {}x{}",
+            preprocess.height as usize == image_size && preprocess.width as usize == image_size,
+            "{} resizes to {}x{} but the vision model expects {image_size}x{image_size}",
             files.image_processor.display(),
             preprocess.width,
             preprocess.height,
-            config.vision_config.image_size,
-            config.vision_config.image_size
         );
         let codec = TextCodec::load(&files.tokenizer, files.tokenizer_config.as_deref())?;
-        let mut notes = config.filled_gaps.clone();
+        let mut notes = match &parsed {
+            ParsedConfig::Blip(config) => config.filled_gaps.clone(),
+            ParsedConfig::Blip2(_) => vec![],
+        };
         let generation_defaults = match &files.generation_config {
             Some(path) => {
                 let defaults = GenerationDefaults::from_generation_config(path)?;
@@ -145,12 +162,18 @@ impl Captioner {
             // right after building keeps only the model's copy in memory.
             let vb = weights::var_builder(&files.weights, dtype, &runtime.device)?;
             let context = || format!("loading the weights of {}", files.source);
-            match family {
-                Family::Blip => Model::Caption(
+            match (family, parsed) {
+                (Family::Blip, ParsedConfig::Blip(config)) => Model::Caption(
                     BlipForConditionalGeneration::new(config, vb).with_context(context)?,
                 ),
-                Family::BlipVqa => {
+                (Family::BlipVqa, ParsedConfig::Blip(config)) => {
                     Model::Vqa(BlipForQuestionAnswering::new(config, vb).with_context(context)?)
+                }
+                (_, ParsedConfig::Blip2(config)) => Model::Blip2(Box::new(
+                    Blip2ForConditionalGeneration::new(config, vb).with_context(context)?,
+                )),
+                (_, ParsedConfig::Blip(_)) => {
+                    unreachable!("BLIP configs are parsed for BLIP families")
                 }
             }
         };
@@ -162,7 +185,19 @@ impl Captioner {
             dtype,
             generation_defaults,
             notes,
+            question_template: blip2::DEFAULT_QUESTION_TEMPLATE.to_string(),
         })
+    }
+
+    /// Sets how a BLIP-2 model turns an `--ask` question into a prompt
+    /// (models.toml's `question_template`; `{}` stands for the question).
+    pub fn set_question_template(&mut self, template: &str) -> Result<()> {
+        anyhow::ensure!(
+            template.contains("{}"),
+            "the question template {template:?} has no {{}} for the question"
+        );
+        self.question_template = template.to_string();
+        Ok(())
     }
 
     /// Decoding defaults from the checkpoint's generation_config.json, where
@@ -202,19 +237,31 @@ impl Captioner {
         let vision = match &self.model {
             Model::Caption(m) => &m.vision_model,
             Model::Vqa(m) => &m.vision_model,
+            Model::Blip2(m) => &m.vision_model,
         };
         Ok(vision.forward(&pixel_values.to_dtype(self.dtype)?)?)
     }
 
-    /// Whether this model answers questions (`--ask`) rather than captions.
-    pub fn answers_questions(&self) -> bool {
-        matches!(self.model, Model::Vqa(_))
+    /// Whether this model captions images (without `--ask`).
+    pub fn captions(&self) -> bool {
+        !matches!(self.model, Model::Vqa(_))
     }
 
-    fn config(&self) -> &BlipConfig {
+    /// Whether this model answers `--ask` questions.
+    pub fn answers_questions(&self) -> bool {
+        !matches!(self.model, Model::Caption(_))
+    }
+
+    /// Whether this model can hold a conversation (`caption chat`).
+    pub fn converses(&self) -> bool {
+        matches!(self.model, Model::Blip2(_))
+    }
+
+    fn config(&self) -> Result<&BlipConfig> {
         match &self.model {
-            Model::Caption(m) => &m.config,
-            Model::Vqa(m) => &m.config,
+            Model::Caption(m) => Ok(&m.config),
+            Model::Vqa(m) => Ok(&m.config),
+            Model::Blip2(_) => anyhow::bail!("a BLIP-2 model has no BLIP text decoder"),
         }
     }
 
@@ -224,6 +271,7 @@ impl Captioner {
             Model::Vqa(_) => anyhow::bail!(
                 "this is a question-answering model: ask it something with --ask, or caption with a captioning model"
             ),
+            Model::Blip2(_) => anyhow::bail!("a BLIP-2 model captions through its language model"),
         }
     }
 
@@ -233,7 +281,26 @@ impl Captioner {
             Model::Caption(_) => anyhow::bail!(
                 "this is a captioning model and cannot answer questions: use a VQA model such as blip-vqa-base"
             ),
+            Model::Blip2(_) => anyhow::bail!("a BLIP-2 model answers through its question template"),
         }
+    }
+
+    fn blip2_model(&self) -> Result<&Blip2ForConditionalGeneration> {
+        match &self.model {
+            Model::Blip2(m) => Ok(m),
+            _ => anyhow::bail!("this is a BLIP model, not BLIP-2: it cannot hold a conversation"),
+        }
+    }
+
+    /// BLIP-2: the projected query tokens of encoded images, `[batch,
+    /// num_query_tokens, text_hidden]`, what the language model reads first.
+    pub fn language_model_inputs(&self, image_embeds: &Tensor) -> Result<Tensor> {
+        Ok(self.blip2_model()?.language_model_inputs(image_embeds)?)
+    }
+
+    /// BLIP-2: the Q-Former's output for encoded images (for parity tests).
+    pub fn query_output(&self, image_embeds: &Tensor) -> Result<Tensor> {
+        Ok(self.blip2_model()?.query_output(image_embeds)?)
     }
 
     /// Captions a batch of images together. Per image, in order, the
@@ -257,7 +324,9 @@ impl Captioner {
         streams: &[u64],
         request: &CaptionRequest,
     ) -> Result<Vec<Vec<Caption>>> {
-        self.captioning_model()?;
+        if !self.captions() {
+            self.captioning_model()?;
+        }
         if images.is_empty() {
             return Ok(vec![]);
         }
@@ -274,6 +343,16 @@ impl Captioner {
         streams: &[u64],
         request: &CaptionRequest,
     ) -> Result<Vec<Vec<Caption>>> {
+        if let Model::Blip2(model) = &self.model {
+            return blip2::generate_continuations(
+                model,
+                &self.codec,
+                &model.language_model_inputs(image_embeds)?,
+                request.prompt.as_deref(),
+                streams,
+                &request.generation,
+            );
+        }
         let model = self.captioning_model()?;
         let batch = image_embeds.dim(0)?;
         let prompt = self.prompt_ids(request.prompt.as_deref())?;
@@ -299,7 +378,9 @@ impl Captioner {
         streams: &[u64],
         generation: &GenerationConfig,
     ) -> Result<Vec<Vec<Answer>>> {
-        self.vqa_model()?;
+        if !self.answers_questions() {
+            self.vqa_model()?;
+        }
         if images.is_empty() {
             return Ok(vec![]);
         }
@@ -316,22 +397,41 @@ impl Captioner {
         streams: &[u64],
         generation: &GenerationConfig,
     ) -> Result<Vec<Vec<Answer>>> {
-        let model = self.vqa_model()?;
         let batch = image_embeds.dim(0)?;
         anyhow::ensure!(streams.len() == batch, "one random stream per image");
         let mut per_image: Vec<Vec<Answer>> = vec![Vec::with_capacity(questions.len()); batch];
+        if let Model::Blip2(model) = &self.model {
+            // The images are encoded once for all the questions.
+            let queries = model.language_model_inputs(image_embeds)?;
+            for (j, question) in questions.iter().enumerate() {
+                anyhow::ensure!(!question.trim().is_empty(), "the question is empty");
+                let prompt = blip2::fill_template(&self.question_template, question);
+                let answers = blip2::generate_continuations(
+                    model,
+                    &self.codec,
+                    &queries,
+                    Some(&prompt),
+                    &question_streams(streams, j),
+                    generation,
+                )?;
+                for (image_answers, answers) in per_image.iter_mut().zip(answers) {
+                    image_answers.push(Answer {
+                        question: question.clone(),
+                        answers,
+                    });
+                }
+            }
+            return Ok(per_image);
+        }
+        let model = self.vqa_model()?;
         for (j, question) in questions.iter().enumerate() {
             let question_embeds = self.question_embeds(image_embeds, question)?;
             let bos = model.config.text_config.bos_token_id;
-            let answer_streams: Vec<u64> = streams
-                .iter()
-                .map(|&s| s ^ (j as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
-                .collect();
             let answers = self.decode(
                 &model.text_decoder,
                 model.decoder_state(&question_embeds)?,
                 vec![vec![bos]; batch],
-                &answer_streams,
+                &question_streams(streams, j),
                 generation,
             )?;
             for (image_answers, answers) in per_image.iter_mut().zip(answers) {
@@ -386,7 +486,7 @@ impl Captioner {
         );
         let limits = Limits {
             max_positions: text_decoder.max_position_embeddings(),
-            eos_token_ids: vec![self.config().text_config.sep_token_id],
+            eos_token_ids: vec![self.config()?.text_config.sep_token_id],
         };
         let mut decoder = BlipCaptionDecoder {
             text_decoder,
@@ -414,8 +514,12 @@ impl Captioner {
     /// The decoder's starting tokens. Without a prompt: `[DEC]` alone. With one,
     /// transformers tokenizes it as `[CLS] prompt [SEP]`, swaps the `[CLS]` for
     /// `[DEC]` and drops the `[SEP]` (`BlipForConditionalGeneration.generate`).
+    /// For BLIP-2, the ids after the query tokens: `</s>` and the prompt.
     pub fn prompt_ids(&self, prompt: Option<&str>) -> Result<Vec<u32>> {
-        let bos = self.config().text_config.bos_token_id;
+        if let Model::Blip2(model) = &self.model {
+            return blip2::prompt_ids(model, &self.codec, prompt);
+        }
+        let bos = self.config()?.text_config.bos_token_id;
         let Some(prompt) = prompt else {
             return Ok(vec![bos]);
         };
@@ -430,14 +534,51 @@ impl Captioner {
     /// dtype (for parity tests). For a VQA model, `states` are question
     /// embeddings and `prompt` must be `None` (answers start from `[DEC]`).
     pub fn first_step_logits(&self, states: &Tensor, prompt: Option<&str>) -> Result<Tensor> {
+        if let Model::Blip2(model) = &self.model {
+            // `states` are image embeddings: the queries come from them.
+            let ids = blip2::prompt_ids(model, &self.codec, prompt)?;
+            let batch = states.dim(0)?;
+            let lm = &model.language_model;
+            let embeds = lm.embed(&Tensor::new(vec![ids; batch], &self.device)?)?;
+            let queries = model.language_model_inputs(states)?;
+            let inputs_embeds = Tensor::cat(&[&queries, &embeds], 1)?;
+            return Ok(lm.forward_embeds(&inputs_embeds, &mut lm.new_cache())?);
+        }
         let prompt = self.prompt_ids(prompt)?;
         let batch = states.dim(0)?;
         let (text_decoder, mut state) = match &self.model {
             Model::Caption(m) => (&m.text_decoder, m.decoder_state(states)?),
             Model::Vqa(m) => (&m.text_decoder, m.decoder_state(states)?),
+            Model::Blip2(_) => unreachable!("handled above"),
         };
         let input_ids = Tensor::new(vec![prompt; batch], &self.device)?;
         Ok(text_decoder.forward(&input_ids, &mut state)?)
+    }
+}
+
+/// Question j's random stream for each image: the image's stream mixed with
+/// j (a golden-ratio multiple), so each (image, question) pair has its own
+/// stream whatever else is asked.
+fn question_streams(streams: &[u64], j: usize) -> Vec<u64> {
+    streams
+        .iter()
+        .map(|&s| s ^ (j as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+        .collect()
+}
+
+/// A model's config.json, read by its family.
+enum ParsedConfig {
+    Blip(BlipConfig),
+    Blip2(Blip2Config),
+}
+
+impl ParsedConfig {
+    /// The square input size of the vision encoder.
+    fn image_size(&self) -> usize {
+        match self {
+            Self::Blip(config) => config.vision_config.image_size,
+            Self::Blip2(config) => config.vision_config.image_size,
+        }
     }
 }
 
