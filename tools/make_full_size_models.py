@@ -1,0 +1,175 @@
+"""Full-size random models for speed and memory measurements, never committed.
+
+    python tools/make_full_size_models.py [--out bench/models] [--only NAME ...]
+
+Each model has a real checkpoint's config (BLIP-base, BLIP-large, BLIP-2
+OPT-2.7b), so its compute and memory are exactly the real model's, with random
+weights. Tensors are written shard by shard straight from numpy, so building
+the 3.7B-parameter BLIP-2 needs about one shard of RAM, not the model's 15 GB:
+the tensor names and shapes come from transformers building the model on the
+meta device (no memory), the values from a seeded normal(0, 0.02) (LayerNorm
+weights 1, biases 0.02-scaled noise), as float32 like the published
+checkpoints. The tokenizer and processor files are the tiny fixtures' (the
+vocabulary is small, the ids the model can produce are not: the text is
+meaningless anyway).
+"""
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.numpy import save_file
+from transformers import Blip2Config, Blip2ForConditionalGeneration, BlipConfig, BlipForConditionalGeneration
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures" / "models"
+SHARD_BYTES = 2 * 1024**3
+
+BLIP_TEXT = dict(
+    vocab_size=30524,
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    max_position_embeddings=512,
+    bos_token_id=30522,
+    sep_token_id=102,
+    pad_token_id=0,
+)
+
+
+def blip_base():
+    vision = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                  image_size=384, patch_size=16, layer_norm_eps=1e-5)
+    text = dict(BLIP_TEXT, encoder_hidden_size=768)
+    return BlipConfig(vision_config=vision, text_config=text, architectures=["BlipForConditionalGeneration"])
+
+
+def blip_large():
+    vision = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+                  image_size=384, patch_size=16, layer_norm_eps=1e-5)
+    text = dict(BLIP_TEXT, encoder_hidden_size=1024)
+    return BlipConfig(vision_config=vision, text_config=text, architectures=["BlipForConditionalGeneration"])
+
+
+def blip2_opt_2_7b():
+    vision = dict(hidden_size=1408, intermediate_size=6144, num_hidden_layers=39, num_attention_heads=16,
+                  image_size=224, patch_size=14, layer_norm_eps=1e-6, qkv_bias=True)
+    qformer = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                   cross_attention_frequency=2, encoder_hidden_size=1408, vocab_size=30522)
+    text = dict(model_type="opt", hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32,
+                vocab_size=50304, max_position_embeddings=2048, word_embed_proj_dim=2560, bos_token_id=2,
+                pad_token_id=1, eos_token_id=50118, do_layer_norm_before=True, tie_word_embeddings=True)
+    return Blip2Config(vision_config=vision, qformer_config=qformer, text_config=text, num_query_tokens=32,
+                       image_token_index=50265, architectures=["Blip2ForConditionalGeneration"])
+
+
+MODELS = {
+    "blip-base": (blip_base, BlipForConditionalGeneration, "blip-tiny"),
+    "blip-large": (blip_large, BlipForConditionalGeneration, "blip-tiny"),
+    "blip2-opt-2.7b": (blip2_opt_2_7b, Blip2ForConditionalGeneration, "blip2-opt-tiny"),
+}
+
+
+def tensor_specs(config, cls):
+    """(name, shape) of every tensor the checkpoint stores, from a meta-device model."""
+    with torch.device("meta"):
+        model = cls(config)
+    tied = set()
+    lm = getattr(model, "language_model", None) or getattr(model, "text_decoder", None)
+    if lm is not None and lm.get_output_embeddings() is not None:
+        if lm.get_output_embeddings().weight is lm.get_input_embeddings().weight:
+            prefix = "language_model." if hasattr(model, "language_model") else "text_decoder."
+            tied = {n for n, p in model.named_parameters(remove_duplicate=False)
+                    if p is lm.get_output_embeddings().weight and n.startswith(prefix) and "lm_head" in n}
+    specs = []
+    seen = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen or name in tied:
+            continue
+        seen.add(id(p))
+        specs.append((name, tuple(p.shape)))
+    for name, b in model.named_buffers():
+        if "position_ids" in name:
+            continue
+        specs.append((name, tuple(b.shape)))
+    return specs
+
+
+def values(rng, name, shape):
+    """normal(0, 0.02), except norm weights (1), as transformers initialises them."""
+    if len(shape) == 1 and name.endswith(".weight") and "norm" in name.lower():
+        return np.ones(shape, dtype=np.float32)
+    return rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+
+
+def write(name, out_root):
+    make_config, cls, fixture = MODELS[name]
+    config = make_config()
+    out = out_root / name
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    specs = tensor_specs(config, cls)
+    weight_map, shard, shard_bytes, shards = {}, {}, 0, []
+
+    def flush():
+        nonlocal shard, shard_bytes
+        if shard:
+            shards.append(shard)
+            file = f"part-{len(shards):05d}.safetensors"
+            save_file(shard, str(out / file), metadata={"format": "pt"})
+            for key in shard:
+                weight_map[key] = file
+            shard, shard_bytes = {}, 0
+
+    total = 0
+    for tensor_name, shape in specs:
+        array = values(rng, tensor_name, shape)
+        total += array.size
+        if shard_bytes + array.nbytes > SHARD_BYTES:
+            flush()
+        shard[tensor_name] = array
+        shard_bytes += array.nbytes
+    flush()
+    # Name the shards as save_pretrained does.
+    n = len(shards)
+    renamed = {}
+    for i in range(1, n + 1):
+        old = out / f"part-{i:05d}.safetensors"
+        new = f"model-{i:05d}-of-{n:05d}.safetensors"
+        old.rename(out / new)
+        renamed[f"part-{i:05d}.safetensors"] = new
+    index = {"metadata": {"total_size": total * 4}, "weight_map": {k: renamed[v] for k, v in weight_map.items()}}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config.save_pretrained(out)
+    for f in (FIXTURES / fixture).iterdir():
+        if f.name.startswith(("tokenizer", "processor", "preprocessor", "special_tokens", "vocab")):
+            shutil.copy(f, out / f.name)
+    processor = out / "processor_config.json"
+    if processor.exists():
+        cfg = json.loads(processor.read_text())
+        size = config.vision_config.image_size
+        image = cfg.get("image_processor", cfg)
+        image["size"] = {"height": size, "width": size}
+        if "num_query_tokens" in cfg:
+            cfg["num_query_tokens"] = config.num_query_tokens
+        processor.write_text(json.dumps(cfg, indent=2))
+    print(f"{name}: {total / 1e9:.2f}B parameters, {n} shards, {out}")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=str(ROOT / "bench" / "models"))
+    parser.add_argument("--only", nargs="*", choices=sorted(MODELS), default=sorted(MODELS))
+    args = parser.parse_args()
+    for name in args.only:
+        write(name, Path(args.out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
