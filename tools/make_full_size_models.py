@@ -146,10 +146,14 @@ def write(name, out_root):
         renamed[f"part-{i:05d}.safetensors"] = new
     index = {"metadata": {"total_size": total * 4}, "weight_map": {k: renamed[v] for k, v in weight_map.items()}}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    config.save_pretrained(out)
     for f in (FIXTURES / fixture).iterdir():
         if f.name.startswith(("tokenizer", "processor", "preprocessor", "special_tokens", "vocab")):
             shutil.copy(f, out / f.name)
+    if hasattr(config, "image_token_index"):
+        # The processor writes the tokenizer's own <image> id; the config must agree.
+        added = json.loads((out / "tokenizer.json").read_text())["added_tokens"]
+        config.image_token_index = next(t["id"] for t in added if t["content"] == "<image>")
+    config.save_pretrained(out)
     processor = out / "processor_config.json"
     if processor.exists():
         cfg = json.loads(processor.read_text())

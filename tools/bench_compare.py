@@ -1,0 +1,225 @@
+"""Side-by-side speed and memory: the `caption` binary vs transformers, same
+weights, same images, same machine, same run. Driven by bench/compare.sh.
+
+    python tools/bench_compare.py --binary target/release/caption \
+        --models bench/models/blip-base [...] --rounds 3 --threads 2
+
+For each model, the scenarios alternate between the two sides, round by
+round, so drift in the machine (thermal, other load) hits both alike:
+
+  batch1     one image, greedy, exactly 20 new tokens: seconds per caption
+  batch8     8 images in one batch, greedy, 20 new tokens: seconds per image
+  beam3      one image, 3 beams, 20 new tokens: seconds per caption
+  process    `caption photo.jpg` as a whole process (start-up, model load,
+             one caption) vs the equivalent Python script: wall seconds
+  rss        peak resident memory of those two processes
+
+Steady-state latency on our side is measured without instrumenting the
+binary: one run captions K+1 copies of the image and another captions 1;
+the difference over K is the per-caption time with the model loaded (the
+Python side times processor + generate in a warm process). Every run asks
+for exactly 20 new tokens (min = max), so random weights cannot make one
+side stop early. Prints a table of ratios (ours / transformers: below 1 is
+faster or smaller) and writes the raw figures as JSON.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE = ROOT / "tests" / "fixtures" / "images" / "astronaut.jpg"
+NEW_TOKENS = 20
+
+# The Python side: a warm worker that loads the model once and times
+# processor + generate, as a notebook user runs it.
+WORKER = r"""
+import json, sys, time
+import torch
+torch.set_num_threads(int(sys.argv[2]))
+from PIL import Image
+from transformers import AutoConfig, AutoProcessor
+from transformers import Blip2ForConditionalGeneration, BlipForConditionalGeneration
+model_dir, image_path, scenario, repeats = sys.argv[1], sys.argv[3], sys.argv[4], int(sys.argv[5])
+cls = Blip2ForConditionalGeneration if "Blip2" in AutoConfig.from_pretrained(model_dir).architectures[0] else BlipForConditionalGeneration
+model = cls.from_pretrained(model_dir).eval()
+processor = AutoProcessor.from_pretrained(model_dir)
+image = Image.open(image_path)
+batch = 8 if scenario == "batch8" else 1
+kwargs = dict(max_new_tokens=%d, min_new_tokens=%d, num_beams=3 if scenario == "beam3" else 1)
+def once():
+    inputs = processor(images=[image] * batch, return_tensors="pt")
+    with torch.inference_mode():
+        return model.generate(**inputs, **kwargs)
+once()  # warm-up, as our side's subtraction removes its first caption
+times = []
+for _ in range(repeats):
+    start = time.perf_counter()
+    out = once()
+    times.append((time.perf_counter() - start) / batch)
+print(json.dumps({"seconds_per_image": min(times), "all": times, "shape": list(out.shape)}))
+""" % (NEW_TOKENS, NEW_TOKENS)
+
+# The whole-process Python equivalent of `caption photo.jpg`.
+SCRIPT = r"""
+import sys, torch
+torch.set_num_threads(int(sys.argv[2]))
+from PIL import Image
+from transformers import AutoConfig, AutoProcessor
+from transformers import Blip2ForConditionalGeneration, BlipForConditionalGeneration
+model_dir = sys.argv[1]
+cls = Blip2ForConditionalGeneration if "Blip2" in AutoConfig.from_pretrained(model_dir).architectures[0] else BlipForConditionalGeneration
+model = cls.from_pretrained(model_dir).eval()
+processor = AutoProcessor.from_pretrained(model_dir)
+inputs = processor(images=Image.open(sys.argv[3]), return_tensors="pt")
+with torch.inference_mode():
+    out = model.generate(**inputs, max_new_tokens=%d, min_new_tokens=%d)
+print(processor.batch_decode(out, skip_special_tokens=True)[0].strip())
+""" % (NEW_TOKENS, NEW_TOKENS)
+
+
+def timed(cmd):
+    """Wall seconds of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n{proc.stderr[-2000:]}")
+    return wall
+
+
+def peak_rss(cmd):
+    """Peak RSS (bytes) and wall seconds of one process, via GNU time (Python's
+    RUSAGE_CHILDREN only keeps a running maximum over all children)."""
+    time_bin = "/usr/bin/time"
+    proc = subprocess.run([time_bin, "-f", "%M %e", *map(str, cmd)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n{proc.stderr[-2000:]}")
+    kb, wall = proc.stderr.strip().splitlines()[-1].split()
+    return int(kb) * 1024, float(wall)
+
+
+def ours_cmd(binary, model, threads, scenario, copies):
+    cmd = [binary, "-q", "--no-exif-rotate", "-m", model, "--threads", str(threads),
+           "--min-tokens", str(NEW_TOKENS), "--max-tokens", str(NEW_TOKENS)]
+    if scenario == "beam3":
+        cmd += ["--beams", "3"]
+    if scenario == "batch8":
+        cmd += ["--batch-size", "8"]
+    return cmd + copies
+
+
+def image_copies(folder: Path, n: int):
+    """n hard links to the test image (distinct paths, same pixels)."""
+    paths = []
+    for i in range(n):
+        p = folder / f"img{i:03d}{IMAGE.suffix}"
+        if not p.exists():
+            os.link(IMAGE, p)
+        paths.append(str(p))
+    return paths
+
+
+def ours_per_image(binary, model, threads, scenario, k, folder):
+    batch = 8 if scenario == "batch8" else 1
+    small = image_copies(folder, batch)
+    large = image_copies(folder, batch * (k + 1))
+    t_small = min(timed(ours_cmd(binary, model, threads, scenario, small)) for _ in range(2))
+    t_large = timed(ours_cmd(binary, model, threads, scenario, large))
+    return (t_large - t_small) / (batch * k)
+
+
+def theirs_per_image(python, model, threads, scenario, k):
+    proc = subprocess.run([python, "-c", WORKER, model, str(threads), str(IMAGE), scenario, str(k)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"transformers worker failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["seconds_per_image"]
+
+
+def machine():
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} CPUs, {platform.system()}"
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--binary", required=True)
+    parser.add_argument("--python", default=sys.executable)
+    parser.add_argument("--models", nargs="+", required=True)
+    parser.add_argument("--scenarios", nargs="+", default=["batch1", "batch8", "beam3", "process"])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="captions per timing on each side")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "compare.json"))
+    args = parser.parse_args()
+
+    import torch
+    import transformers
+
+    results = dict(machine=machine(), date=time.strftime("%Y-%m-%d"), threads=args.threads,
+                   transformers=transformers.__version__, torch=torch.__version__, new_tokens=NEW_TOKENS,
+                   models={})
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for model in args.models:
+            name = Path(model).name
+            per = {s: {"ours": [], "transformers": []} for s in args.scenarios}
+            if "process" in args.scenarios:
+                per["rss"] = {"ours": [], "transformers": []}
+            for round_ in range(args.rounds):
+                for scenario in args.scenarios:
+                    sides = ["ours", "transformers"] if round_ % 2 == 0 else ["transformers", "ours"]
+                    for side in sides:
+                        if scenario == "process":
+                            if side == "ours":
+                                cmd = [args.binary, "-q", "--no-exif-rotate", "-m", model, "--threads",
+                                       str(args.threads), "--min-tokens", str(NEW_TOKENS), "--max-tokens",
+                                       str(NEW_TOKENS), str(IMAGE)]
+                            else:
+                                cmd = [args.python, "-c", SCRIPT, model, str(args.threads), str(IMAGE)]
+                            rss, wall = peak_rss(cmd)
+                            per["process"][side].append(wall)
+                            per["rss"][side].append(rss)
+                        elif side == "ours":
+                            per[scenario][side].append(
+                                ours_per_image(args.binary, model, args.threads, scenario, args.repeats, folder))
+                        else:
+                            per[scenario][side].append(
+                                theirs_per_image(args.python, model, args.threads, scenario, args.repeats))
+                        last = per[scenario][side][-1]
+                        print(f"{name} round {round_ + 1} {scenario} {side}: {last:.3f}", file=sys.stderr, flush=True)
+            results["models"][name] = per
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"# {results['machine']}; {args.threads} threads; transformers {results['transformers']}, "
+          f"torch {results['torch']}; {results['date']}; median of {args.rounds} alternating rounds")
+    print("| model | scenario | caption (ours) | transformers | ratio |")
+    print("|---|---|---|---|---|")
+    units = dict(batch1="s/caption", batch8="s/image", beam3="s/caption", process="s wall", rss="GB peak")
+    for name, per in results["models"].items():
+        for scenario, sides in per.items():
+            ours, theirs = statistics.median(sides["ours"]), statistics.median(sides["transformers"])
+            scale = 1e9 if scenario == "rss" else 1
+            print(f"| {name} | {scenario} ({units[scenario]}) | {ours / scale:.3f} | {theirs / scale:.3f} | "
+                  f"{ours / theirs:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
