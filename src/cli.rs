@@ -302,18 +302,21 @@ fn list_models(registry: &Registry) -> Result<RunStatus> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "alias\tfamily\ttask\trepo\trevision\tcached")?;
     for (name, entry) in &registry.entries {
-        let cached = cache
-            .as_deref()
-            .and_then(|dir| hub::cached_snapshot(dir, &entry.hub_model()))
-            .is_some_and(|snapshot| snapshot.join("config.json").is_file());
+        let (repo, revision, cached) = match &entry.bundled {
+            Some(bundle) => ("(bundled)", bundle.as_str(), "built in"),
+            None => {
+                let cached = cache
+                    .as_deref()
+                    .and_then(|dir| hub::cached_snapshot(dir, &entry.hub_model()))
+                    .is_some_and(|snapshot| snapshot.join("config.json").is_file());
+                let cached = if cached { "yes" } else { "no" };
+                (entry.repo.as_str(), entry.revision.as_str(), cached)
+            }
+        };
         writeln!(
             out,
-            "{name}\t{}\t{}\t{}\t{}\t{}",
-            entry.family,
-            entry.task,
-            entry.repo,
-            entry.revision,
-            if cached { "yes" } else { "no" }
+            "{name}\t{}\t{}\t{repo}\t{revision}\t{cached}",
+            entry.family, entry.task,
         )?;
     }
     Ok(RunStatus::AllGood)

@@ -7,6 +7,7 @@
 //! [`generate`] runs the decoding loop, [`output`] writes the results.
 //! [`Captioner`] ties them together; the `caption` binary is a thin CLI over it.
 
+pub mod bundled;
 pub mod captioner;
 pub mod chat;
 pub mod cli;
@@ -43,7 +44,7 @@ pub fn resolve_model<'r>(
         return Ok((ModelSource::Folder(path.to_path_buf()), None));
     }
     if let Some(entry) = registry.get(spec) {
-        return Ok((ModelSource::Hub(entry.hub_model()), Some(entry)));
+        return Ok((entry.source()?, Some(entry)));
     }
     if path.exists() {
         bail!("--model {spec} is a file; give the folder that holds config.json and the weights");

@@ -86,8 +86,15 @@ impl std::fmt::Display for Task {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Entry {
+    /// The Hub repository (`owner/name`); empty for a bundled model.
+    #[serde(default)]
     pub repo: String,
+    #[serde(default)]
     pub revision: String,
+    /// A model built into the binary (the folder of this name under
+    /// `models/`), instead of `repo` and `revision`.
+    #[serde(default)]
+    pub bundled: Option<String>,
     pub family: Family,
     pub task: Task,
     #[serde(default)]
@@ -107,6 +114,14 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// Where the model's files come from: the Hub, or the binary itself.
+    pub fn source(&self) -> Result<crate::hub::ModelSource> {
+        Ok(match &self.bundled {
+            Some(bundle) => crate::hub::ModelSource::Folder(crate::bundled::folder(bundle)?),
+            None => crate::hub::ModelSource::Hub(self.hub_model()),
+        })
+    }
+
     pub fn hub_model(&self) -> HubModel {
         HubModel {
             repo: self.repo.clone(),
@@ -126,11 +141,26 @@ impl Registry {
         let entries: BTreeMap<String, Entry> =
             toml::from_str(toml_text).context("models.toml is not a valid model registry")?;
         for (name, entry) in &entries {
-            anyhow::ensure!(
-                HubModel::parse(&entry.repo).is_some(),
-                "models.toml: `{name}` has repo `{}`, expected owner/name",
-                entry.repo
-            );
+            if let Some(bundle) = &entry.bundled {
+                anyhow::ensure!(
+                    entry.repo.is_empty() && entry.revision.is_empty(),
+                    "models.toml: `{name}` is bundled and cannot also name a repo or revision"
+                );
+                anyhow::ensure!(
+                    crate::bundled::get(bundle).is_some(),
+                    "models.toml: `{name}` names bundled model `{bundle}`, which this build lacks"
+                );
+            } else {
+                anyhow::ensure!(
+                    HubModel::parse(&entry.repo).is_some(),
+                    "models.toml: `{name}` has repo `{}`, expected owner/name",
+                    entry.repo
+                );
+                anyhow::ensure!(
+                    !entry.revision.is_empty(),
+                    "models.toml: `{name}` needs a revision"
+                );
+            }
             if let Some(template) = &entry.question_template {
                 anyhow::ensure!(
                     template.contains("{}"),
@@ -168,6 +198,9 @@ mod tests {
             Family::BlipVqa
         );
         for (name, entry) in &registry.entries {
+            if entry.bundled.is_some() {
+                continue;
+            }
             if entry.unpinned.is_some() {
                 // An honest branch name, never a made-up hash.
                 assert_eq!(entry.revision, "main", "{name}");
@@ -232,6 +265,26 @@ mod tests {
         assert!(
             format!("{err:#}").contains("no {} for the question"),
             "{err:#}"
+        );
+    }
+
+    #[test]
+    fn a_bundled_alias_must_name_a_bundle_of_this_build_and_nothing_else() {
+        let missing = Registry::parse(
+            "[x]\nbundled = \"no-such-bundle\"\nfamily = \"blip\"\ntask = \"caption\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            format!("{missing:#}").contains("which this build lacks"),
+            "{missing:#}"
+        );
+        let both = Registry::parse(
+            "[x]\nbundled = \"demo\"\nrepo = \"a/b\"\nfamily = \"blip\"\ntask = \"caption\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            format!("{both:#}").contains("cannot also name a repo"),
+            "{both:#}"
         );
     }
 }
