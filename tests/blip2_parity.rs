@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
 use caption::captioner::blip2::conversation_prompt;
-use caption::generate::{GenerationConfig, GenerationDefaults};
+use caption::generate::GenerationConfig;
 use caption::{CaptionRequest, Turn};
 use common::{max_abs, max_abs_diff};
 use serde::Deserialize;
@@ -74,18 +74,6 @@ fn reference() -> (Reference, HashMap<String, Tensor>) {
     (serde_json::from_str(&json).unwrap(), tensors)
 }
 
-fn tensor(tensors: &HashMap<String, Tensor>, key: &str, name: &str) -> Tensor {
-    tensors[&format!("{key}.{name}")].unsqueeze(0).unwrap()
-}
-
-fn beams3() -> GenerationConfig {
-    GenerationDefaults {
-        num_beams: Some(3),
-        ..GenerationDefaults::default()
-    }
-    .resolve(0)
-}
-
 fn request(prompt: Option<&str>, generation: GenerationConfig) -> CaptionRequest {
     CaptionRequest {
         prompt: prompt.map(str::to_string),
@@ -138,21 +126,21 @@ fn float64_stages_match_transformers() {
     for case in &reference.cases {
         let what = case.what();
         let close = |ours: &Tensor, name: &str| {
-            let expected = tensor(&tensors, &case.key, name);
+            let expected = common::tensor(&tensors, &case.key, name);
             let diff = max_abs_diff(ours, &expected);
             assert!(
                 diff <= 1e-10 * max_abs(&expected),
                 "{what}: {name} off by {diff}"
             );
         };
-        let pixel_values = tensor(&tensors, &case.key, "pixel_values")
+        let pixel_values = common::tensor(&tensors, &case.key, "pixel_values")
             .to_dtype(DType::F64)
             .unwrap();
         close(
             &model.image_embeds(&pixel_values).unwrap(),
             "image_embeds_f64",
         );
-        let image_embeds = tensor(&tensors, &case.key, "image_embeds_f64");
+        let image_embeds = common::tensor(&tensors, &case.key, "image_embeds_f64");
         let query_output = model.query_output(&image_embeds).unwrap();
         assert_eq!(query_output.dtype(), DType::F64);
         close(&query_output, "query_output_f64");
@@ -190,8 +178,8 @@ fn float32_stages_are_as_accurate_as_transformers() {
     for case in &reference.cases {
         let what = case.what();
         let mut check = |ours: &Tensor, name: &'static str| {
-            let exact = tensor(&tensors, &case.key, &format!("{name}_f64"));
-            let torch_error = max_abs_diff(&tensor(&tensors, &case.key, name), &exact);
+            let exact = common::tensor(&tensors, &case.key, &format!("{name}_f64"));
+            let torch_error = max_abs_diff(&common::tensor(&tensors, &case.key, name), &exact);
             let error = max_abs_diff(ours, &exact);
             let bound = 10.0 * torch_error + 1e-5 * max_abs(&exact);
             assert!(
@@ -201,7 +189,7 @@ fn float32_stages_are_as_accurate_as_transformers() {
             let ratio = (error.max(f64::MIN_POSITIVE) / torch_error.max(f64::MIN_POSITIVE)).ln();
             log_ratios.entry(name).or_default().push(ratio);
         };
-        let pixel_values = tensor(&tensors, &case.key, "pixel_values");
+        let pixel_values = common::tensor(&tensors, &case.key, "pixel_values");
         let image_embeds = model.image_embeds(&pixel_values).unwrap();
         check(&image_embeds, "image_embeds");
         check(&model.query_output(&image_embeds).unwrap(), "query_output");
@@ -251,7 +239,7 @@ fn captions_and_answers_match_transformers_in_both_conventions() {
                 )
                 .unwrap();
             let beams = model
-                .caption(&images, &request(prompt.as_deref(), beams3()))
+                .caption(&images, &request(prompt.as_deref(), common::beams3()))
                 .unwrap();
             for ((case, greedy), beams) in cases.iter().zip(&greedy).zip(&beams) {
                 let what = format!("{name} {}", case.what());
@@ -318,7 +306,7 @@ fn both_conventions_load_the_same_model() {
     let current = common::load_as(CURRENT, None);
     let legacy = common::load_as(LEGACY, None);
     for case in reference.cases.iter().step_by(3) {
-        let pixel_values = tensor(&tensors, &case.key, "pixel_values");
+        let pixel_values = common::tensor(&tensors, &case.key, "pixel_values");
         let a = current.image_embeds(&pixel_values).unwrap();
         let b = legacy.image_embeds(&pixel_values).unwrap();
         assert_eq!(max_abs_diff(&a, &b), 0.0);
@@ -402,7 +390,7 @@ fn conversations_answer_as_one_shot_prompts_and_forget_the_oldest_turns() {
 fn half_precision_keeps_weights_in_half_precision() {
     let (reference, tensors) = reference();
     let case = &reference.cases[0];
-    let pixel_values = tensor(&tensors, &case.key, "pixel_values");
+    let pixel_values = common::tensor(&tensors, &case.key, "pixel_values");
     for (dtype, qformer) in [(DType::BF16, DType::BF16), (DType::F16, DType::F32)] {
         let model = common::load_as(CURRENT, Some(dtype));
         let image_embeds = model

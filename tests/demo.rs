@@ -10,7 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use caption::generate::{GenerationConfig, GenerationDefaults};
+use caption::generate::GenerationConfig;
 use caption::hub::{self, ModelSource};
 use caption::image::LoadOptions;
 use caption::{CaptionRequest, Captioner, RuntimeOptions};
@@ -112,17 +112,9 @@ fn image(path: &str) -> image::RgbImage {
     caption::image::load_rgb8(&root().join(path), &options).unwrap()
 }
 
-fn beams3() -> GenerationConfig {
-    GenerationDefaults {
-        num_beams: Some(3),
-        ..GenerationDefaults::default()
-    }
-    .resolve(0)
-}
-
 /// Every image in one batch: greedy and 3-beam captions per image.
 fn captions(model: &Captioner, images: &[image::RgbImage]) -> [Vec<caption::Caption>; 2] {
-    [GenerationConfig::default(), beams3()].map(|generation| {
+    [GenerationConfig::default(), common::beams3()].map(|generation| {
         let request = CaptionRequest {
             prompt: None,
             generation,
@@ -143,7 +135,7 @@ fn answers(
     pixels: &image::RgbImage,
 ) -> [Vec<caption::Caption>; 2] {
     let questions: Vec<String> = case.questions.iter().map(|q| q.question.clone()).collect();
-    [GenerationConfig::default(), beams3()].map(|generation| {
+    [GenerationConfig::default(), common::beams3()].map(|generation| {
         model
             .answer_with_streams(std::slice::from_ref(pixels), &questions, &[0], &generation)
             .unwrap()

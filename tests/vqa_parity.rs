@@ -11,7 +11,7 @@ mod common;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use caption::generate::{GenerationConfig, GenerationDefaults};
+use caption::generate::GenerationConfig;
 use common::{max_abs, max_abs_diff};
 use serde::Deserialize;
 
@@ -48,18 +48,6 @@ fn reference() -> (Reference, HashMap<String, Tensor>) {
     (serde_json::from_str(&json).unwrap(), tensors)
 }
 
-fn tensor(tensors: &HashMap<String, Tensor>, key: &str, name: &str) -> Tensor {
-    tensors[&format!("{key}.{name}")].unsqueeze(0).unwrap()
-}
-
-fn beams3() -> GenerationConfig {
-    GenerationDefaults {
-        num_beams: Some(3),
-        ..GenerationDefaults::default()
-    }
-    .resolve(0)
-}
-
 #[test]
 fn recorded_decisions_are_clear_of_float_noise() {
     let (reference, _) = reference();
@@ -89,8 +77,8 @@ fn float64_question_embeds_and_first_logits_match_transformers() {
     let (reference, tensors) = reference();
     let vqa = common::load_as("blip-vqa-tiny", Some(DType::F64));
     for case in &reference.cases {
-        let image_embeds = tensor(&tensors, &case.key, "image_embeds_f64");
-        let expected = tensor(&tensors, &case.key, "question_embeds_f64");
+        let image_embeds = common::tensor(&tensors, &case.key, "image_embeds_f64");
+        let expected = common::tensor(&tensors, &case.key, "question_embeds_f64");
         let ours = vqa.question_embeds(&image_embeds, &case.question).unwrap();
         let diff = max_abs_diff(&ours, &expected);
         assert!(
@@ -100,9 +88,12 @@ fn float64_question_embeds_and_first_logits_match_transformers() {
             case.question
         );
 
-        let expected = tensor(&tensors, &case.key, "first_logits_f64");
+        let expected = common::tensor(&tensors, &case.key, "first_logits_f64");
         let logits = vqa
-            .first_step_logits(&tensor(&tensors, &case.key, "question_embeds_f64"), None)
+            .first_step_logits(
+                &common::tensor(&tensors, &case.key, "question_embeds_f64"),
+                None,
+            )
             .unwrap();
         let diff = max_abs_diff(&logits, &expected);
         assert!(
@@ -124,9 +115,9 @@ fn float32_question_embeds_and_first_logits_are_as_accurate_as_transformers() {
     let vqa = common::load_as("blip-vqa-tiny", None);
     for case in &reference.cases {
         let what = format!("{} {:?}", case.image, case.question);
-        let exact = tensor(&tensors, &case.key, "question_embeds_f64");
-        let torch = tensor(&tensors, &case.key, "question_embeds");
-        let image_embeds = tensor(&tensors, &case.key, "image_embeds");
+        let exact = common::tensor(&tensors, &case.key, "question_embeds_f64");
+        let torch = common::tensor(&tensors, &case.key, "question_embeds");
+        let image_embeds = common::tensor(&tensors, &case.key, "image_embeds");
         let ours = vqa.question_embeds(&image_embeds, &case.question).unwrap();
         let bound = 2.0 * max_abs_diff(&torch, &exact) + 1e-5 * max_abs(&exact);
         let diff = max_abs_diff(&ours, &exact);
@@ -135,8 +126,8 @@ fn float32_question_embeds_and_first_logits_are_as_accurate_as_transformers() {
             "{what}: question embeds off by {diff} (bound {bound})"
         );
 
-        let exact = tensor(&tensors, &case.key, "first_logits_f64");
-        let torch = tensor(&tensors, &case.key, "first_logits");
+        let exact = common::tensor(&tensors, &case.key, "first_logits_f64");
+        let torch = common::tensor(&tensors, &case.key, "first_logits");
         let ours = vqa
             .first_step_logits(&torch_question(&tensors, &case.key), None)
             .unwrap();
@@ -150,7 +141,7 @@ fn float32_question_embeds_and_first_logits_are_as_accurate_as_transformers() {
 }
 
 fn torch_question(tensors: &HashMap<String, Tensor>, key: &str) -> Tensor {
-    tensor(tensors, key, "question_embeds")
+    common::tensor(tensors, key, "question_embeds")
 }
 
 /// Greedy and 3-beam answers from transformers' own image_embeds: ids, text
@@ -162,7 +153,7 @@ fn answers_match_transformers_from_the_same_image_embeds() {
     let vqa = common::load_as("blip-vqa-tiny", None);
     for case in &reference.cases {
         let what = format!("{} {:?}", case.image, case.question);
-        let image_embeds = tensor(&tensors, &case.key, "image_embeds");
+        let image_embeds = common::tensor(&tensors, &case.key, "image_embeds");
         let questions = [case.question.clone()];
         let greedy = vqa
             .answer_embeds(
@@ -177,7 +168,7 @@ fn answers_match_transformers_from_the_same_image_embeds() {
         assert_eq!(answer.text, case.greedy.text, "{what}: greedy text");
 
         let beams = vqa
-            .answer_embeds(&image_embeds, &questions, &[0], &beams3())
+            .answer_embeds(&image_embeds, &questions, &[0], &common::beams3())
             .unwrap();
         let answer = &beams[0][0].answers[0];
         assert_eq!(answer.ids, case.beams3.sequences[0], "{what}: beam ids");
@@ -209,7 +200,10 @@ fn several_images_and_questions_at_once_match_one_at_a_time() {
     }
     let pixels: Vec<_> = images.iter().map(|name| common::image(name)).collect();
     let streams: Vec<u64> = (0..pixels.len() as u64).collect();
-    for (config, beams) in [(GenerationConfig::default(), false), (beams3(), true)] {
+    for (config, beams) in [
+        (GenerationConfig::default(), false),
+        (common::beams3(), true),
+    ] {
         let got = vqa
             .answer_with_streams(&pixels, &questions, &streams, &config)
             .unwrap();

@@ -93,3 +93,17 @@ pub fn max_abs(a: &Tensor) -> f64 {
         .to_scalar()
         .unwrap()
 }
+
+/// A recorded tensor of one case (`KEY.NAME`), with a batch axis of one.
+pub fn tensor(tensors: &HashMap<String, Tensor>, key: &str, name: &str) -> Tensor {
+    tensors[&format!("{key}.{name}")].unsqueeze(0).unwrap()
+}
+
+/// transformers' defaults with `num_beams=3`.
+pub fn beams3() -> caption::generate::GenerationConfig {
+    caption::generate::GenerationDefaults {
+        num_beams: Some(3),
+        ..Default::default()
+    }
+    .resolve(0)
+}
