@@ -3,6 +3,7 @@
 # the same run, on full-size random models built from the real configs.
 #
 #   bench/compare.sh [MODEL ...]        # default: blip-base
+#   ROUNDS=3 VARIANTS="f32 bf16 q8_0 q4k" bench/compare.sh blip-base blip-large
 #
 # MODEL is one of blip-base, blip-large, blip2-opt-2.7b. Needs the Python
 # environment of tools/requirements.txt (PYTHON=path/to/python, default
@@ -15,6 +16,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 ROUNDS=${ROUNDS:-3}
+# Our side's precision options to time: any of f32 bf16 q8_0 q4k.
+VARIANTS=${VARIANTS:-f32 q8_0 q4k}
+# Which measurements: any of batch1 batch8 beam3 process (process includes peak RSS).
+SCENARIOS=${SCENARIOS:-batch1 batch8 beam3 process}
 models=("$@")
 [ ${#models[@]} -eq 0 ] && models=(blip-base)
 
@@ -25,4 +30,4 @@ for m in "${models[@]}"; do
   dirs+=("bench/models/$m")
 done
 "$PYTHON" tools/bench_compare.py --binary target/release/caption --python "$PYTHON" \
-  --rounds "$ROUNDS" --models "${dirs[@]}"
+  --rounds "$ROUNDS" --variants $VARIANTS --scenarios $SCENARIOS --models "${dirs[@]}"

@@ -206,6 +206,12 @@ pub struct RuntimeArgs {
     /// Weight precision. auto: f32 on CPU, the checkpoint's dtype on GPU.
     #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
     pub dtype: DtypeArg,
+    /// Quantize the linear layers' weights at load (CPU): q8_0 (8-bit) or
+    /// q4k (4-bit k-quants). Faster and smaller, with slightly different
+    /// outputs; layers whose input width is not a multiple of 256 stay as
+    /// they are.
+    #[arg(long, value_enum)]
+    pub quantize: Option<QuantizeArg>,
 
     /// CPU threads for the model [default: all cores].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
@@ -236,6 +242,25 @@ pub struct ChatArgs {
     /// Print nothing on stderr but errors and notices about the conversation.
     #[arg(short, long)]
     pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QuantizeArg {
+    #[value(name = "q8_0")]
+    Q8_0,
+    Q4k,
+}
+
+impl QuantizeArg {
+    fn quantization(self) -> crate::captioner::Quantization {
+        crate::captioner::Quantization {
+            format: match self {
+                Self::Q8_0 => crate::captioner::QuantFormat::Q8_0,
+                Self::Q4k => crate::captioner::QuantFormat::Q4K,
+            },
+            only_fast_widths: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -489,6 +514,7 @@ pub fn runtime_options(args: &RuntimeArgs) -> Result<RuntimeOptions> {
     Ok(RuntimeOptions {
         device: parse_device(&args.device)?,
         dtype: args.dtype.dtype(),
+        quantization: args.quantize.map(QuantizeArg::quantization),
     })
 }
 

@@ -106,9 +106,18 @@ def peak_rss(cmd):
     return int(kb) * 1024, float(wall)
 
 
-def ours_cmd(binary, model, threads, scenario, copies):
+# Our side's variants: the default float32 run and the reduced-precision options.
+VARIANTS = {
+    "f32": [],
+    "bf16": ["--dtype", "bf16"],
+    "q8_0": ["--quantize", "q8_0"],
+    "q4k": ["--quantize", "q4k"],
+}
+
+
+def ours_cmd(binary, model, threads, scenario, copies, variant="f32"):
     cmd = [binary, "-q", "--no-exif-rotate", "-m", model, "--threads", str(threads),
-           "--min-tokens", str(NEW_TOKENS), "--max-tokens", str(NEW_TOKENS)]
+           "--min-tokens", str(NEW_TOKENS), "--max-tokens", str(NEW_TOKENS), *VARIANTS[variant]]
     if scenario == "beam3":
         cmd += ["--beams", "3"]
     if scenario == "batch8":
@@ -127,12 +136,12 @@ def image_copies(folder: Path, n: int):
     return paths
 
 
-def ours_per_image(binary, model, threads, scenario, k, folder):
+def ours_per_image(binary, model, threads, scenario, k, folder, variant):
     batch = 8 if scenario == "batch8" else 1
     small = image_copies(folder, batch)
     large = image_copies(folder, batch * (k + 1))
-    t_small = min(timed(ours_cmd(binary, model, threads, scenario, small)) for _ in range(2))
-    t_large = timed(ours_cmd(binary, model, threads, scenario, large))
+    t_small = min(timed(ours_cmd(binary, model, threads, scenario, small, variant)) for _ in range(2))
+    t_large = timed(ours_cmd(binary, model, threads, scenario, large, variant))
     return (t_large - t_small) / (batch * k)
 
 
@@ -165,6 +174,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="captions per timing on each side")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--variants", nargs="+", default=["f32"], choices=sorted(VARIANTS),
+                        help="our side's precision options, each timed against the same transformers run")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "compare.json"))
     args = parser.parse_args()
 
@@ -178,26 +189,26 @@ def main():
         folder = Path(tmp)
         for model in args.models:
             name = Path(model).name
-            per = {s: {"ours": [], "transformers": []} for s in args.scenarios}
+            names = ["transformers"] + [f"ours {v}" for v in args.variants]
+            per = {s: {side: [] for side in names} for s in args.scenarios}
             if "process" in args.scenarios:
-                per["rss"] = {"ours": [], "transformers": []}
+                per["rss"] = {side: [] for side in names}
             for round_ in range(args.rounds):
                 for scenario in args.scenarios:
-                    sides = ["ours", "transformers"] if round_ % 2 == 0 else ["transformers", "ours"]
+                    sides = names[1:] + names[:1] if round_ % 2 == 0 else names
                     for side in sides:
+                        variant = side.split(" ", 1)[1] if side.startswith("ours") else None
                         if scenario == "process":
-                            if side == "ours":
-                                cmd = [args.binary, "-q", "--no-exif-rotate", "-m", model, "--threads",
-                                       str(args.threads), "--min-tokens", str(NEW_TOKENS), "--max-tokens",
-                                       str(NEW_TOKENS), str(IMAGE)]
+                            if variant:
+                                cmd = ours_cmd(args.binary, model, args.threads, "batch1", [str(IMAGE)], variant)
                             else:
                                 cmd = [args.python, "-c", SCRIPT, model, str(args.threads), str(IMAGE)]
                             rss, wall = peak_rss(cmd)
                             per["process"][side].append(wall)
                             per["rss"][side].append(rss)
-                        elif side == "ours":
-                            per[scenario][side].append(
-                                ours_per_image(args.binary, model, args.threads, scenario, args.repeats, folder))
+                        elif variant:
+                            per[scenario][side].append(ours_per_image(
+                                args.binary, model, args.threads, scenario, args.repeats, folder, variant))
                         else:
                             per[scenario][side].append(
                                 theirs_per_image(args.python, model, args.threads, scenario, args.repeats))
@@ -210,15 +221,19 @@ def main():
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"# {results['machine']}; {args.threads} threads; transformers {results['transformers']}, "
           f"torch {results['torch']}; {results['date']}; median of {args.rounds} alternating rounds")
-    print("| model | scenario | caption (ours) | transformers | ratio |")
-    print("|---|---|---|---|---|")
+    variants = [f"ours {v}" for v in args.variants]
+    print("| model | scenario | transformers | " + " | ".join(f"caption {v[5:]} (ratio)" for v in variants) + " |")
+    print("|---|---|---|" + "---|" * len(variants))
     units = dict(batch1="s/caption", batch8="s/image", beam3="s/caption", process="s wall", rss="GB peak")
     for name, per in results["models"].items():
         for scenario, sides in per.items():
-            ours, theirs = statistics.median(sides["ours"]), statistics.median(sides["transformers"])
             scale = 1e9 if scenario == "rss" else 1
-            print(f"| {name} | {scenario} ({units[scenario]}) | {ours / scale:.3f} | {theirs / scale:.3f} | "
-                  f"{ours / theirs:.2f}x |")
+            theirs = statistics.median(sides["transformers"])
+            cells = []
+            for v in variants:
+                ours = statistics.median(sides[v])
+                cells.append(f"{ours / scale:.3f} ({ours / theirs:.2f}x)")
+            print(f"| {name} | {scenario} ({units[scenario]}) | {theirs / scale:.3f} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

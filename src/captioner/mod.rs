@@ -15,6 +15,7 @@ use crate::models::blip::{
     BlipConfig, BlipForConditionalGeneration, BlipForQuestionAnswering, DecoderState, TextDecoder,
 };
 use crate::models::blip2::{Blip2Config, Blip2ForConditionalGeneration};
+pub use crate::models::{QuantFormat, Quantization};
 use crate::registry::Family;
 use crate::tokenizer::TextCodec;
 use crate::weights;
@@ -26,6 +27,8 @@ pub struct RuntimeOptions {
     /// `None`: f32 on CPU (candle's fast path there); the checkpoint's own
     /// half-precision dtype on a GPU.
     pub dtype: Option<DType>,
+    /// Quantize linear-layer weights at load (`--quantize`; CPU only).
+    pub quantization: Option<Quantization>,
 }
 
 impl Default for RuntimeOptions {
@@ -33,6 +36,7 @@ impl Default for RuntimeOptions {
         Self {
             device: Device::Cpu,
             dtype: None,
+            quantization: None,
         }
     }
 }
@@ -111,7 +115,7 @@ impl Captioner {
                 }
             ),
         };
-        let parsed = match family {
+        let mut parsed = match family {
             Family::Blip | Family::BlipVqa => ParsedConfig::Blip(
                 BlipConfig::from_json(&config_text)
                     .with_context(|| format!("reading {}", files.config.display()))?,
@@ -121,6 +125,14 @@ impl Captioner {
                     .with_context(|| format!("reading {}", files.config.display()))?,
             ),
         };
+        if runtime.quantization.is_some() {
+            anyhow::ensure!(
+                runtime.device.is_cpu(),
+                "--quantize runs on the CPU (candle's quantized kernels); drop it to use {:?}",
+                runtime.device
+            );
+            parsed.set_quantization(runtime.quantization);
+        }
         let dtype = runtime.dtype.unwrap_or_else(|| match runtime.device {
             Device::Cpu => DType::F32,
             _ => weights::checkpoint_dtype(&config_json).unwrap_or(DType::F32),
@@ -573,6 +585,21 @@ enum ParsedConfig {
 }
 
 impl ParsedConfig {
+    /// Every part of the model quantizes its linear layers the same way.
+    fn set_quantization(&mut self, quantization: Option<Quantization>) {
+        match self {
+            Self::Blip(config) => {
+                config.vision_config.quantization = quantization;
+                config.text_config.quantization = quantization;
+            }
+            Self::Blip2(config) => {
+                config.vision_config.quantization = quantization;
+                config.qformer_config.quantization = quantization;
+                config.text_config.quantization = quantization;
+            }
+        }
+    }
+
     /// The square input size of the vision encoder.
     fn image_size(&self) -> usize {
         match self {
@@ -596,8 +623,7 @@ impl Decoder for BlipCaptionDecoder<'_> {
     }
 
     fn select_rows(&mut self, rows: &[u32]) -> Result<()> {
-        let rows = Tensor::new(rows, self.device())?;
-        Ok(self.state.select_rows(&rows)?)
+        Ok(self.state.select_rows(rows)?)
     }
 
     fn device(&self) -> &Device {

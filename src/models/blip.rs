@@ -13,12 +13,12 @@
 
 use anyhow::Context;
 use candle_core::{Device, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
 use super::{
-    causal_mask, last_position, layer_norm, linear, merge_heads, scaled_dot_product_attention,
-    split_heads, Activation, KvCache, LayerNorm,
+    causal_mask, kernels, last_position, layer_norm, linear, merge_heads,
+    scaled_dot_product_attention, split_heads, Activation, KvCache, LayerNorm, Linear,
 };
 
 // ---------------------------------------------------------------------------
@@ -48,6 +48,10 @@ pub struct VisionConfig {
     /// zero) only when `qkv_bias` is set.
     #[serde(default = "defaults::yes")]
     pub qkv_bias: bool,
+    /// How linear weights are held in memory (`--quantize`); not read from
+    /// config.json, set by the loader.
+    #[serde(skip)]
+    pub quantization: Option<super::Quantization>,
 }
 
 impl VisionConfig {
@@ -100,6 +104,10 @@ pub struct TextConfig {
     pub pad_token_id: u32,
     #[serde(default = "defaults::sep_token_id")]
     pub sep_token_id: u32,
+    /// How linear weights are held in memory (`--quantize`); not read from
+    /// config.json, set by the loader.
+    #[serde(skip)]
+    pub quantization: Option<super::Quantization>,
 }
 
 impl TextConfig {
@@ -283,11 +291,11 @@ impl VisionAttention {
         let head_dim = d / cfg.num_attention_heads;
         Ok(Self {
             qkv: if cfg.qkv_bias {
-                linear(d, 3 * d, vb.pp("qkv"))?
+                linear(d, 3 * d, cfg.quantization, vb.pp("qkv"))?
             } else {
-                candle_nn::linear_no_bias(d, 3 * d, vb.pp("qkv"))?
+                super::linear_no_bias(d, 3 * d, cfg.quantization, vb.pp("qkv"))?
             },
-            projection: linear(d, d, vb.pp("projection"))?,
+            projection: linear(d, d, cfg.quantization, vb.pp("projection"))?,
             num_heads: cfg.num_attention_heads,
             scale: (head_dim as f64).powf(-0.5),
         })
@@ -321,8 +329,18 @@ struct VisionMlp {
 impl VisionMlp {
     fn new(cfg: &VisionConfig, vb: VarBuilder) -> anyhow::Result<Self> {
         Ok(Self {
-            fc1: linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("fc1"))?,
-            fc2: linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("fc2"))?,
+            fc1: linear(
+                cfg.hidden_size,
+                cfg.intermediate_size,
+                cfg.quantization,
+                vb.pp("fc1"),
+            )?,
+            fc2: linear(
+                cfg.intermediate_size,
+                cfg.hidden_size,
+                cfg.quantization,
+                vb.pp("fc2"),
+            )?,
             act: Activation::from_config_name(&cfg.hidden_act)?,
         })
     }
@@ -459,10 +477,10 @@ impl TextAttention {
         let heads = cfg.num_attention_heads();
         let self_vb = vb.pp("self");
         Ok(Self {
-            query: linear(d, d, self_vb.pp("query"))?,
-            key: linear(kv_dim, d, self_vb.pp("key"))?,
-            value: linear(kv_dim, d, self_vb.pp("value"))?,
-            output_dense: linear(d, d, vb.pp("output.dense"))?,
+            query: linear(d, d, cfg.quantization, self_vb.pp("query"))?,
+            key: linear(kv_dim, d, cfg.quantization, self_vb.pp("key"))?,
+            value: linear(kv_dim, d, cfg.quantization, self_vb.pp("value"))?,
+            output_dense: linear(d, d, cfg.quantization, vb.pp("output.dense"))?,
             output_layer_norm: layer_norm(d, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
             num_heads: heads,
             scale: 1.0 / ((d / heads) as f64).sqrt(),
@@ -486,8 +504,31 @@ impl TextAttention {
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let q = split_heads(&self.query.forward(hidden)?, self.num_heads)?;
-        let context = merge_heads(&scaled_dot_product_attention(&q, k, v, self.scale, mask)?)?;
-        let projected = self.output_dense.forward(&context)?;
+        let context = scaled_dot_product_attention(&q, k, v, self.scale, mask)?;
+        self.output(&context, hidden)
+    }
+
+    /// Cross-attention: row `r` of `hidden` reads row `kv_index[r]` of `(k,
+    /// v)`, so the beams of one image share its keys and values.
+    fn attend_shared(
+        &self,
+        hidden: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        kv_index: &[u32],
+    ) -> Result<Tensor> {
+        let q = split_heads(&self.query.forward(hidden)?, self.num_heads)?;
+        let context = if q.dim(2)? == 1 {
+            kernels::single_query_attention(&q, k, v, kv_index, self.scale)?
+        } else {
+            kernels::reference_attention(&q, k, v, kv_index, self.scale)?
+        };
+        self.output(&context, hidden)
+    }
+
+    /// `BlipTextSelfOutput`: dense, residual, LayerNorm.
+    fn output(&self, context: &Tensor, hidden: &Tensor) -> Result<Tensor> {
+        let projected = self.output_dense.forward(&merge_heads(context)?)?;
         self.output_layer_norm.forward(&(projected + hidden)?)
     }
 }
@@ -514,9 +555,19 @@ impl TextLayer {
                 cfg.encoder_hidden_size(),
                 vb.pp("crossattention"),
             )?,
-            intermediate: linear(d, cfg.intermediate_size, vb.pp("intermediate.dense"))?,
+            intermediate: linear(
+                d,
+                cfg.intermediate_size,
+                cfg.quantization,
+                vb.pp("intermediate.dense"),
+            )?,
             act: Activation::from_config_name(&cfg.hidden_act)?,
-            output_dense: linear(cfg.intermediate_size, d, vb.pp("output.dense"))?,
+            output_dense: linear(
+                cfg.intermediate_size,
+                d,
+                cfg.quantization,
+                vb.pp("output.dense"),
+            )?,
             output_layer_norm: layer_norm(d, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
         })
     }
@@ -527,13 +578,14 @@ impl TextLayer {
         self_cache: &mut KvCache,
         causal: Option<&Tensor>,
         image_kv: &(Tensor, Tensor),
+        image_index: &[u32],
     ) -> Result<Tensor> {
         let (k, v) = self.attention.key_value(hidden)?;
         let (k, v) = self_cache.append(&k, &v)?;
         let hidden = self.attention.attend(hidden, &k, &v, causal)?;
-        let hidden = self
-            .crossattention
-            .attend(&hidden, &image_kv.0, &image_kv.1, None)?;
+        let hidden =
+            self.crossattention
+                .attend_shared(&hidden, &image_kv.0, &image_kv.1, image_index)?;
         let ff = self
             .output_dense
             .forward(&self.act.forward(&self.intermediate.forward(&hidden)?)?)?;
@@ -567,10 +619,10 @@ impl LmPredictionHead {
             vb.get(cfg.vocab_size, "bias")?
         };
         Ok(Self {
-            transform_dense: linear(d, d, vb.pp("transform.dense"))?,
+            transform_dense: linear(d, d, cfg.quantization, vb.pp("transform.dense"))?,
             transform_act: Activation::from_config_name(&cfg.hidden_act)?,
             transform_layer_norm: layer_norm(d, cfg.layer_norm_eps, vb.pp("transform.LayerNorm"))?,
-            decoder: Linear::new(weight, Some(bias)),
+            decoder: Linear::with_format(weight, Some(bias), cfg.quantization)?,
         })
     }
 
@@ -637,13 +689,18 @@ impl TextDecoder {
         let causal = (seq > 1)
             .then(|| causal_mask(seq, past, hidden.dtype(), hidden.device()))
             .transpose()?;
+        let DecoderState {
+            self_attention,
+            image_kv,
+            image_index,
+        } = state;
         for ((layer, cache), image_kv) in self
             .layers
             .iter()
-            .zip(state.self_attention.iter_mut())
-            .zip(&state.image_kv)
+            .zip(self_attention.iter_mut())
+            .zip(image_kv.iter())
         {
-            hidden = layer.forward(&hidden, cache, causal.as_ref(), image_kv)?;
+            hidden = layer.forward(&hidden, cache, causal.as_ref(), image_kv, image_index)?;
         }
         // Only the last position's logits are ever used in generation.
         let logits = self.head.forward(&last_position(&hidden)?)?;
@@ -659,14 +716,21 @@ impl TextDecoder {
 #[derive(Debug, Clone)]
 pub struct DecoderState {
     self_attention: Vec<KvCache>,
+    /// Per layer, the cross-attention keys and values of each image (or
+    /// question), computed once: `[images, heads, tokens, head_dim]`.
     image_kv: Vec<(Tensor, Tensor)>,
+    /// Which image each sequence reads. Beams and finished sequences move
+    /// rows around; the images' keys and values stay where they are.
+    image_index: Vec<u32>,
 }
 
 impl DecoderState {
     pub fn new(image_kv: Vec<(Tensor, Tensor)>) -> Self {
+        let images = image_kv.first().map_or(0, |(k, _)| k.dim(0).unwrap_or(0));
         Self {
             self_attention: vec![KvCache::default(); image_kv.len()],
             image_kv,
+            image_index: (0..images as u32).collect(),
         }
     }
 
@@ -674,16 +738,22 @@ impl DecoderState {
         self.self_attention.first().map_or(0, KvCache::seq_len)
     }
 
-    /// Keeps (and reorders) the batch rows named by `rows`, in the text caches and
-    /// the image keys/values alike.
-    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
-        for cache in &mut self.self_attention {
-            cache.select_rows(rows)?;
+    /// Keeps (and reorders) the batch rows named by `rows`: the text caches
+    /// are gathered, the image each row reads is re-pointed.
+    pub fn select_rows(&mut self, rows: &[u32]) -> Result<()> {
+        if rows.iter().any(|&r| r as usize >= self.image_index.len()) {
+            candle_core::bail!(
+                "select_rows: a row past the {} in the batch",
+                self.image_index.len()
+            );
         }
-        for (k, v) in &mut self.image_kv {
-            *k = k.index_select(rows, 0)?;
-            *v = v.index_select(rows, 0)?;
+        if let Some(device) = self.image_kv.first().map(|(k, _)| k.device().clone()) {
+            let rows = Tensor::new(rows, &device)?;
+            for cache in &mut self.self_attention {
+                cache.select_rows(&rows)?;
+            }
         }
+        self.image_index = rows.iter().map(|&r| self.image_index[r as usize]).collect();
         Ok(())
     }
 }
@@ -733,13 +803,14 @@ impl TextEncoder {
             );
         }
         let mut hidden = self.embeddings.forward(input_ids, 0)?;
+        let rows: Vec<u32> = (0..input_ids.dim(0)? as u32).collect();
         for (layer, image_kv) in self
             .layers
             .iter()
             .zip(cross_key_values(&self.layers, image_embeds)?)
         {
             // No mask: bidirectional, and no padding to hide.
-            hidden = layer.forward(&hidden, &mut KvCache::default(), None, &image_kv)?;
+            hidden = layer.forward(&hidden, &mut KvCache::default(), None, &image_kv, &rows)?;
         }
         Ok(hidden)
     }

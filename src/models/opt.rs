@@ -9,12 +9,12 @@
 //! `layers[3]` → `self_attn.q_proj`.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
 use super::{
     causal_mask, last_position, merge_heads, scaled_dot_product_attention, split_heads, Activation,
-    KvCache, LayerNorm,
+    KvCache, LayerNorm, Linear,
 };
 
 /// `OPTConfig`; defaults are transformers' for keys a checkpoint omits.
@@ -57,6 +57,10 @@ pub struct OptConfig {
     /// conversion script's choice, after LAVIS), so answers stop at a newline.
     #[serde(default = "defaults::eos_token_id")]
     pub eos_token_id: Option<TokenIds>,
+    /// How linear weights are held in memory (`--quantize`); not read from
+    /// config.json, set by the loader.
+    #[serde(skip)]
+    pub quantization: Option<super::Quantization>,
 }
 
 /// A config field that holds one token id or a list of them.
@@ -135,9 +139,9 @@ fn opt_layer_norm(cfg: &OptConfig, vb: VarBuilder) -> Result<LayerNorm> {
 /// `nn.Linear(in, out, bias=enable_bias)`.
 fn opt_linear(cfg: &OptConfig, in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     if cfg.enable_bias {
-        candle_nn::linear(in_dim, out_dim, vb)
+        super::linear(in_dim, out_dim, cfg.quantization, vb)
     } else {
-        candle_nn::linear_no_bias(in_dim, out_dim, vb)
+        super::linear_no_bias(in_dim, out_dim, cfg.quantization, vb)
     }
 }
 
@@ -316,7 +320,7 @@ impl OptForCausalLM {
             embed_positions,
             layers,
             final_layer_norm,
-            lm_head: Linear::new(lm_head_weight, None),
+            lm_head: Linear::with_format(lm_head_weight, None, cfg.quantization)?,
             max_position_embeddings: cfg.max_position_embeddings,
         })
     }

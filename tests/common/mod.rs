@@ -35,6 +35,7 @@ pub fn load_as(name: &str, dtype: Option<DType>) -> Captioner {
     let runtime = RuntimeOptions {
         device: Device::Cpu,
         dtype,
+        quantization: None,
     };
     Captioner::load(&files, &runtime).unwrap()
 }
