@@ -64,6 +64,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
     };
+    caption::tune_allocator();
     let load_start = Instant::now();
     let files = hub::fetch(&ModelSource::Folder(PathBuf::from(model_dir)))?;
     let captioner = Captioner::load(&files, &runtime)?;

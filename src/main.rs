@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    caption::tune_allocator();
     let cli = caption::cli::Cli::parse();
     match caption::cli::run(cli) {
         Ok(status) => status.exit_code(),

@@ -409,7 +409,25 @@ impl VisionModel {
     }
 
     /// `pixel_values [batch, 3, H, W]` -> `image_embeds [batch, 1 + patches, hidden]`.
+    ///
+    /// On the CPU, images go through one at a time: every row's arithmetic
+    /// is its own either way, and one image's GEMMs (577 rows) already keep
+    /// the cores busy. A batch of 8 at once ran at 1.34 s per image against
+    /// 1.04 s alone (BLIP-base): its attention scores (128 MB a layer) and
+    /// MLP activations (57 MB) are past glibc's 32 MB mmap threshold, so
+    /// every one of them is fresh memory, page-faulted in and unmapped again.
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let batch = pixel_values.dim(0)?;
+        if batch > 1 && pixel_values.device().is_cpu() {
+            let per_image = (0..batch)
+                .map(|i| self.forward_batch(&pixel_values.narrow(0, i, 1)?))
+                .collect::<Result<Vec<_>>>()?;
+            return Tensor::cat(&per_image, 0);
+        }
+        self.forward_batch(pixel_values)
+    }
+
+    fn forward_batch(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let mut hidden = self.embeddings.forward(pixel_values)?;
         for layer in &self.layers {
             hidden = layer.forward(&hidden)?;

@@ -9,7 +9,9 @@ pub mod blip2;
 pub mod kernels;
 pub mod opt;
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use std::borrow::Cow;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -41,7 +43,7 @@ impl Activation {
 impl Module for Activation {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Gelu => xs.gelu_erf(),
+            Self::Gelu => kernels::gelu_erf(xs),
             Self::GeluTanh => xs.gelu(),
             Self::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
             Self::Relu => xs.relu(),
@@ -151,7 +153,7 @@ impl Linear {
         if in_dim % block != 0 || !weight.device().is_cpu() {
             return Ok(Self::new(weight, bias));
         }
-        let quantized = QTensor::quantize(&weight.to_dtype(DType::F32)?, ggml)?;
+        let quantized = quantize_rows(&weight.to_dtype(DType::F32)?, ggml)?;
         Ok(Self {
             weight: LinearWeight::Quantized(QMatMul::from_qtensor(quantized)?),
             bias,
@@ -192,6 +194,33 @@ impl Module for Linear {
         out_dims.push(out_dim);
         product.reshape(out_dims)
     }
+}
+
+/// `QTensor::quantize` on slices of rows in parallel. It runs on one thread
+/// and the k-quants search is slow (BLIP-base to q4_K: 6.7 s); the blocks
+/// run along each row, so the slices' block data concatenated is the whole
+/// matrix's.
+fn quantize_rows(weight: &Tensor, ggml: GgmlDType) -> Result<QTensor> {
+    use rayon::prelude::*;
+    let (rows, cols) = weight.dims2()?;
+    let values = weight.flatten_all()?.to_vec1::<f32>()?;
+    let slices = (rayon::current_num_threads() * 4).clamp(1, rows);
+    let per_slice = rows.div_ceil(slices);
+    let pieces = values
+        .par_chunks(per_slice * cols)
+        .map(|chunk| {
+            // Each slice its own tensor, not a narrowed view: candle 0.11's
+            // quantize reads a view's whole storage, ignoring its offset.
+            let slice = Tensor::from_slice(chunk, (chunk.len() / cols, cols), weight.device())?;
+            QTensor::quantize(&slice, ggml)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut data = Vec::new();
+    for piece in &pieces {
+        data.extend_from_slice(&piece.data()?);
+    }
+    let storage = QStorage::from_data(Cow::Owned(data), weight.device(), ggml)?;
+    QTensor::new(storage, (rows, cols))
 }
 
 fn add_bias(product: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
@@ -324,10 +353,9 @@ pub fn general_attention(
     };
     let probs = match scores.dtype() {
         DType::F16 | DType::BF16 => {
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?
-                .to_dtype(scores.dtype())?
+            kernels::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(scores.dtype())?
         }
-        _ => candle_nn::ops::softmax_last_dim(&scores)?,
+        _ => kernels::softmax_last_dim(&scores)?,
     };
     probs.matmul(v)
 }
