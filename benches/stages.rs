@@ -13,11 +13,11 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use candle_core::DType;
-use caption::captioner::{QuantFormat, Quantization};
+use caption::cli::{DtypeArg, QuantizeArg};
 use caption::generate::GenerationConfig;
 use caption::hub::{self, ModelSource};
 use caption::{CaptionRequest, Captioner, RuntimeOptions};
+use clap::ValueEnum;
 
 fn main() -> anyhow::Result<()> {
     // Positional: MODEL_DIR [ROUNDS [ONLY]]; options: --dtype f32|bf16|f16,
@@ -27,22 +27,17 @@ fn main() -> anyhow::Result<()> {
     let mut runtime = RuntimeOptions::default();
     while let Some(arg) = args.next() {
         match arg.as_str() {
+            // The CLI's own value types, so the flags mean what they mean there.
             "--dtype" => {
-                runtime.dtype = Some(match args.next().as_deref() {
-                    Some("bf16") => DType::BF16,
-                    Some("f16") => DType::F16,
-                    _ => DType::F32,
-                })
+                let value = args.next().unwrap_or_default();
+                runtime.dtype = DtypeArg::from_str(&value, true)
+                    .map_err(anyhow::Error::msg)?
+                    .dtype();
             }
             "--quantize" => {
-                let format = match args.next().as_deref() {
-                    Some("q4k") => QuantFormat::Q4K,
-                    _ => QuantFormat::Q8_0,
-                };
-                runtime.quantization = Some(Quantization {
-                    format,
-                    only_fast_widths: true,
-                });
+                let value = args.next().unwrap_or_default();
+                let quantize = QuantizeArg::from_str(&value, true).map_err(anyhow::Error::msg)?;
+                runtime.quantization = Some(quantize.quantization());
             }
             other if other.starts_with("--") => {}
             _ => positional.push(arg),

@@ -252,7 +252,7 @@ pub enum QuantizeArg {
 }
 
 impl QuantizeArg {
-    fn quantization(self) -> crate::captioner::Quantization {
+    pub fn quantization(self) -> crate::captioner::Quantization {
         crate::captioner::Quantization {
             format: match self {
                 Self::Q8_0 => crate::captioner::QuantFormat::Q8_0,
@@ -272,7 +272,7 @@ pub enum DtypeArg {
 }
 
 impl DtypeArg {
-    fn dtype(self) -> Option<DType> {
+    pub fn dtype(self) -> Option<DType> {
         match self {
             Self::Auto => None,
             Self::F32 => Some(DType::F32),

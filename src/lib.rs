@@ -38,8 +38,9 @@ use registry::{Entry, Registry};
 /// 32 MB) fresh from the kernel and hands freed heap tops back, so the same
 /// few hundred MB per encoder layer were page-faulted in again for every
 /// image: 2.25 M page faults for 10 BLIP-base images, 0.27 M with this;
-/// vision encoder at batch 8: 1.08 -> 0.92 s per image. The price: memory freed during a run is not returned to the system
-/// until it ends (the peak is unchanged). Call once, before the model loads.
+/// vision encoder at batch 8: 1.08 -> 0.92 s per image. The price: memory
+/// freed during a run is not returned to the system until it ends (the
+/// peak is unchanged). Call once, before the model loads.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; called before other
