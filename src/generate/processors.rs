@@ -441,7 +441,7 @@ fn adjust_heap<F: Fn(usize, usize) -> bool>(
         h[hole] = h[child];
         hole = child;
     }
-    if len % 2 == 0 && child == (len - 2) / 2 {
+    if len.is_multiple_of(2) && child == (len - 2) / 2 {
         child = 2 * (child + 1);
         h[hole] = h[child - 1];
         hole = child - 1;

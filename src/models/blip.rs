@@ -12,13 +12,14 @@
 //! BLIP-base).
 
 use anyhow::Context;
-use candle_core::{Device, Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
 use super::{
-    causal_mask, kernels, last_position, layer_norm, linear, merge_heads,
+    causal_mask, gemm, kernels, last_position, layer_norm, linear, merge_heads,
     scaled_dot_product_attention, split_heads, Activation, KvCache, LayerNorm, Linear,
+    TokenEmbedding,
 };
 
 // ---------------------------------------------------------------------------
@@ -58,13 +59,14 @@ impl VisionConfig {
     /// The shapes the encoder needs: whole heads, whole patches, a known activation.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(
-            self.num_attention_heads > 0 && self.hidden_size % self.num_attention_heads == 0,
+            self.num_attention_heads > 0
+                && self.hidden_size.is_multiple_of(self.num_attention_heads),
             "vision hidden_size {} is not a multiple of num_attention_heads {}",
             self.hidden_size,
             self.num_attention_heads
         );
         anyhow::ensure!(
-            self.patch_size > 0 && self.image_size % self.patch_size == 0,
+            self.patch_size > 0 && self.image_size.is_multiple_of(self.patch_size),
             "vision image_size {} is not a multiple of patch_size {}",
             self.image_size,
             self.patch_size
@@ -159,7 +161,7 @@ impl BlipConfig {
         let t = &self.text_config;
         let heads = t.num_attention_heads();
         anyhow::ensure!(
-            heads > 0 && t.hidden_size % heads == 0,
+            heads > 0 && t.hidden_size.is_multiple_of(heads),
             "text hidden_size {} is not a multiple of num_attention_heads {heads}",
             t.hidden_size
         );
@@ -304,10 +306,17 @@ impl VisionAttention {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, t, d) = xs.dims3()?;
         let head_dim = d / self.num_heads;
+        let qkv = self.qkv.forward(xs)?;
+        if qkv.device().is_cpu() && qkv.dtype() == DType::F32 && gemm::available() {
+            let fused = gemm::FusedSelfAttention {
+                heads: self.num_heads,
+                scale: self.scale as f32,
+            };
+            let context = qkv.contiguous()?.apply_op1_no_bwd(&fused)?;
+            return self.projection.forward(&context);
+        }
         // [b, t, 3, heads, hd] -> [3, b, heads, t, hd], as transformers permutes.
-        let qkv = self
-            .qkv
-            .forward(xs)?
+        let qkv = qkv
             .reshape((b, t, 3, self.num_heads, head_dim))?
             .permute((2, 0, 3, 1, 4))?;
         let q = qkv.get(0)?.contiguous()?;
@@ -443,7 +452,7 @@ impl VisionModel {
 /// `BlipTextEmbeddings`: word + learned absolute position, then LayerNorm.
 #[derive(Debug, Clone)]
 struct TextEmbeddings {
-    word_embeddings: Embedding,
+    word_embeddings: TokenEmbedding,
     position_embeddings: Embedding,
     layer_norm: LayerNorm,
 }
@@ -452,7 +461,7 @@ impl TextEmbeddings {
     fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         Ok(Self {
-            word_embeddings: candle_nn::embedding(cfg.vocab_size, d, vb.pp("word_embeddings"))?,
+            word_embeddings: TokenEmbedding::new(cfg.vocab_size, d, vb.pp("word_embeddings"))?,
             position_embeddings: candle_nn::embedding(
                 cfg.max_position_embeddings,
                 d,
@@ -660,25 +669,45 @@ pub struct TextDecoder {
     layers: Vec<TextLayer>,
     head: LmPredictionHead,
     max_position_embeddings: usize,
+    device: Device,
+}
+
+impl TextDecoder {
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
 }
 
 impl TextDecoder {
     pub fn new(cfg: &TextConfig, vb: VarBuilder) -> anyhow::Result<Self> {
         let bert = vb.pp("bert");
-        let embeddings = TextEmbeddings::new(cfg, bert.pp("embeddings"))?;
+        let mut embeddings = TextEmbeddings::new(cfg, bert.pp("embeddings"))?;
+        // The head before the layers: packing a tied table holds it twice
+        // for a moment (94 MB for BLIP-base), which then costs peak memory
+        // only while little else is loaded; the freed copy's memory goes to
+        // the layers loaded next.
+        let predictions = vb.pp("cls.predictions");
+        let tied = !predictions.contains_tensor("decoder.weight");
+        let table = embeddings
+            .word_embeddings
+            .table()
+            .context("word embeddings not loaded as a table")?
+            .clone();
+        let head = LmPredictionHead::new(cfg, predictions, &table)?;
+        drop(table);
+        if tied {
+            // One copy of the table, shared with the (packed) head.
+            embeddings.word_embeddings = embeddings.word_embeddings.tied_to(&head.decoder);
+        }
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| TextLayer::new(cfg, bert.pp("encoder.layer").pp(i)))
             .collect::<anyhow::Result<Vec<_>>>()?;
-        let head = LmPredictionHead::new(
-            cfg,
-            vb.pp("cls.predictions"),
-            embeddings.word_embeddings.embeddings(),
-        )?;
         Ok(Self {
             embeddings,
             layers,
             head,
             max_position_embeddings: cfg.max_position_embeddings,
+            device: vb.device().clone(),
         })
     }
 
@@ -932,11 +961,7 @@ impl BlipForConditionalGeneration {
     }
 
     pub fn device(&self) -> &Device {
-        self.text_decoder
-            .embeddings
-            .word_embeddings
-            .embeddings()
-            .device()
+        self.text_decoder.device()
     }
 }
 

@@ -133,7 +133,7 @@ impl Blip2Config {
         self.vision_config.as_blip().validate()?;
         let q = &self.qformer_config;
         anyhow::ensure!(
-            q.num_attention_heads > 0 && q.hidden_size % q.num_attention_heads == 0,
+            q.num_attention_heads > 0 && q.hidden_size.is_multiple_of(q.num_attention_heads),
             "Q-Former hidden_size {} is not a multiple of num_attention_heads {}",
             q.hidden_size,
             q.num_attention_heads
@@ -274,7 +274,8 @@ impl QFormerLayer {
         vb: VarBuilder,
     ) -> anyhow::Result<Self> {
         let d = cfg.hidden_size;
-        let crossattention = (index % cfg.cross_attention_frequency == 0)
+        let crossattention = index
+            .is_multiple_of(cfg.cross_attention_frequency)
             .then(|| QFormerAttention::new(cfg, vision_width, vb.pp("crossattention")))
             .transpose()?;
         Ok(Self {

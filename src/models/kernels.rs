@@ -496,6 +496,41 @@ fn softmax_row_body(row: &[f32], out: &mut [f32]) {
     }
 }
 
+/// softmax(row · scale) in place: the fused attention's score rows.
+pub(crate) fn scaled_softmax_in_place(row: &mut [f32], scale: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F, checked just above.
+        return unsafe { scaled_softmax_avx512(row, scale) };
+    }
+    scaled_softmax_body(row, scale)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn scaled_softmax_avx512(row: &mut [f32], scale: f32) {
+    scaled_softmax_body(row, scale)
+}
+
+#[inline(always)]
+fn scaled_softmax_body(row: &mut [f32], scale: f32) {
+    for x in row.iter_mut() {
+        *x *= scale;
+    }
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        row.fill(f32::NAN);
+        return;
+    }
+    for x in row.iter_mut() {
+        *x = exp_f32(*x - max);
+    }
+    let inverse = 1.0 / sum_lanes(row);
+    for x in row.iter_mut() {
+        *x *= inverse;
+    }
+}
+
 fn gelu_chunk(xs: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {

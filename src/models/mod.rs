@@ -6,13 +6,14 @@
 
 pub mod blip;
 pub mod blip2;
+pub mod gemm;
 pub mod kernels;
 pub mod opt;
 
 use std::borrow::Cow;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
-use candle_core::{DType, Module, Result, Tensor, D};
+use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor, D};
 use candle_nn::VarBuilder;
 
 /// The activations transformers' `ACT2FN` maps config names to, for the names
@@ -120,6 +121,9 @@ pub struct Linear {
 #[derive(Debug, Clone)]
 enum LinearWeight {
     Dense(Tensor),
+    /// Float32 weights packed for [`gemm`]'s AVX-512 kernel (the bias
+    /// travels inside), on CPUs that have it.
+    Packed(std::sync::Arc<gemm::PackedLinear>),
     /// Activations are f32 on the way in (candle's quantized kernels read
     /// f32) and converted back to the model's dtype on the way out.
     Quantized(QMatMul),
@@ -135,7 +139,22 @@ impl Linear {
 
     /// `weight [out, in]`, quantized when `format` asks and the width allows
     /// (see [`Quantization::only_fast_widths`]); the bias stays as it is.
+    /// Float32 weights that stay dense are packed for [`gemm`] where the CPU
+    /// runs it (the packed copy replaces the tensor: no memory is added).
     pub fn with_format(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        format: Option<Quantization>,
+    ) -> Result<Self> {
+        let layer = Self::unpacked(weight, bias, format)?;
+        match &layer.weight {
+            LinearWeight::Dense(weight) if packable(weight) => layer.packed(),
+            _ => Ok(layer),
+        }
+    }
+
+    /// `weight [out, in]` as it is, quantized when `format` asks; never packed.
+    fn unpacked(
         weight: Tensor,
         bias: Option<Tensor>,
         format: Option<Quantization>,
@@ -160,6 +179,49 @@ impl Linear {
         })
     }
 
+    fn packed(self) -> Result<Self> {
+        let LinearWeight::Dense(weight) = &self.weight else {
+            return Ok(self);
+        };
+        let (n, k) = weight.dims2()?;
+        let weight = weight.contiguous()?;
+        let packed = {
+            // Packed straight from the tensor's buffer: no copy of it first.
+            let (storage, layout) = weight.storage_and_layout();
+            let (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) =
+                (&*storage, layout.contiguous_offsets())
+            else {
+                candle_core::bail!("packing a linear layer: not contiguous f32 on the CPU");
+            };
+            gemm::PackedMatrix::from_transposed(&values[start..end], n, k, k)
+        };
+        let bias = match &self.bias {
+            Some(bias) => Some(bias.to_vec1::<f32>()?),
+            None => None,
+        };
+        let op = gemm::PackedLinear {
+            weight: packed,
+            bias,
+        };
+        Ok(Self {
+            weight: LinearWeight::Packed(std::sync::Arc::new(op)),
+            bias: None,
+        })
+    }
+
+    /// The packed weights, where they are packed.
+    fn packed_weight(&self) -> Option<&std::sync::Arc<gemm::PackedLinear>> {
+        match &self.weight {
+            LinearWeight::Packed(op) => Some(op),
+            _ => None,
+        }
+    }
+
+    /// Whether the weights are packed for [`gemm`]'s kernel.
+    pub fn is_packed(&self) -> bool {
+        matches!(self.weight, LinearWeight::Packed(_))
+    }
+
     /// Whether the weights are held quantized.
     pub fn is_quantized(&self) -> bool {
         matches!(self.weight, LinearWeight::Quantized(_))
@@ -182,6 +244,7 @@ impl Module for Linear {
             LinearWeight::Dense(weight) => {
                 add_bias(flat.matmul(&weight.t()?)?, self.bias.as_ref())?
             }
+            LinearWeight::Packed(op) => flat.contiguous()?.apply_op1_no_bwd(op.as_ref())?,
             LinearWeight::Quantized(weight) => {
                 let product = weight
                     .forward(&flat.to_dtype(DType::F32)?)?
@@ -194,6 +257,73 @@ impl Module for Linear {
         out_dims.push(out_dim);
         product.reshape(out_dims)
     }
+}
+
+/// `nn.Embedding`: rows of a `[vocab, hidden]` table by token id. When the
+/// table is also an output projection's weight (tied word embeddings) and
+/// that projection is packed, the rows are read out of the packed copy, so
+/// the table is not held twice (OPT-2.7b's is 515 MB in float32).
+#[derive(Debug, Clone)]
+pub enum TokenEmbedding {
+    Dense(candle_nn::Embedding),
+    Packed(std::sync::Arc<gemm::PackedLinear>),
+}
+
+impl TokenEmbedding {
+    pub fn new(vocab: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self::Dense(candle_nn::embedding(vocab, hidden, vb)?))
+    }
+
+    /// The table as a tensor, for building the projection tied to it.
+    pub fn table(&self) -> Option<&Tensor> {
+        match self {
+            Self::Dense(embedding) => Some(embedding.embeddings()),
+            Self::Packed(_) => None,
+        }
+    }
+
+    /// This table, read from now on out of `head`'s packed weight when the
+    /// head (built from [`Self::table`]) is packed; unchanged otherwise.
+    pub fn tied_to(self, head: &Linear) -> Self {
+        match head.packed_weight() {
+            Some(packed) => Self::Packed(packed.clone()),
+            None => self,
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match self {
+            Self::Dense(embedding) => embedding.embeddings().device().clone(),
+            Self::Packed(_) => Device::Cpu,
+        }
+    }
+
+    /// `ids [..]` -> `[.., hidden]`.
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let Self::Packed(head) = self else {
+            let Self::Dense(embedding) = self else {
+                unreachable!()
+            };
+            return embedding.forward(ids);
+        };
+        let (vocab, hidden) = (head.weight.n(), head.weight.k());
+        let flat = ids.flatten_all()?.to_vec1::<u32>()?;
+        let mut out = vec![0f32; flat.len() * hidden];
+        for (&id, row) in flat.iter().zip(out.chunks_mut(hidden)) {
+            if id as usize >= vocab {
+                candle_core::bail!("token id {id} is outside the vocabulary of {vocab}");
+            }
+            head.weight.copy_column(id as usize, row);
+        }
+        let mut dims = ids.dims().to_vec();
+        dims.push(hidden);
+        Tensor::from_vec(out, dims, &Device::Cpu)
+    }
+}
+
+/// Whether a dense weight goes to [`gemm`]: float32 on a CPU that runs it.
+fn packable(weight: &Tensor) -> bool {
+    weight.device().is_cpu() && weight.dtype() == DType::F32 && gemm::available()
 }
 
 /// `QTensor::quantize` on slices of rows in parallel. It runs on one thread

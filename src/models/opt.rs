@@ -9,12 +9,12 @@
 //! `layers[3]` → `self_attn.q_proj`.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Embedding, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::{
     causal_mask, last_position, merge_heads, scaled_dot_product_attention, split_heads, Activation,
-    KvCache, LayerNorm, Linear,
+    KvCache, LayerNorm, Linear, TokenEmbedding,
 };
 
 /// `OPTConfig`; defaults are transformers' for keys a checkpoint omits.
@@ -271,7 +271,7 @@ impl OptCache {
 /// `OPTForCausalLM`: `model.decoder` and `lm_head`.
 #[derive(Debug, Clone)]
 pub struct OptForCausalLM {
-    embed_tokens: Embedding,
+    embed_tokens: TokenEmbedding,
     /// `[max_position_embeddings + 2, hidden]`.
     embed_positions: Tensor,
     layers: Vec<OptDecoderLayer>,
@@ -284,7 +284,7 @@ impl OptForCausalLM {
     pub fn new(cfg: &OptConfig, vb: VarBuilder) -> anyhow::Result<Self> {
         let d = cfg.hidden_size;
         anyhow::ensure!(
-            cfg.num_attention_heads > 0 && d % cfg.num_attention_heads == 0,
+            cfg.num_attention_heads > 0 && d.is_multiple_of(cfg.num_attention_heads),
             "OPT hidden_size {d} is not a multiple of num_attention_heads {}",
             cfg.num_attention_heads
         );
@@ -296,31 +296,44 @@ impl OptForCausalLM {
             );
         }
         let decoder = vb.pp("model.decoder");
-        let embed_tokens = candle_nn::embedding(cfg.vocab_size, d, decoder.pp("embed_tokens"))?;
+        let embed_tokens = TokenEmbedding::new(cfg.vocab_size, d, decoder.pp("embed_tokens"))?;
         let embed_positions = decoder.get(
             (cfg.max_position_embeddings + POSITION_OFFSET, d),
             "embed_positions.weight",
         )?;
+        // transformers ties the head to the embeddings whenever the config says
+        // so, ignoring any `lm_head.weight` in the file (they are equal in every
+        // published checkpoint); an untied config must carry its own head.
+        // The head before the layers: packing a tied table holds it twice for
+        // a moment (515 MB for OPT-2.7b), which costs peak memory only while
+        // little else is loaded.
+        let (embed_tokens, lm_head) = if cfg.tie_word_embeddings {
+            let table = embed_tokens
+                .table()
+                .expect("a freshly loaded table")
+                .clone();
+            let lm_head = Linear::with_format(table, None, cfg.quantization)?;
+            // One copy of the table, shared with the (packed) head.
+            (embed_tokens.tied_to(&lm_head), lm_head)
+        } else {
+            let weight = vb.get((cfg.vocab_size, d), "lm_head.weight")?;
+            (
+                embed_tokens,
+                Linear::with_format(weight, None, cfg.quantization)?,
+            )
+        };
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| OptDecoderLayer::new(cfg, decoder.pp("layers").pp(i)))
             .collect::<anyhow::Result<Vec<_>>>()?;
         let final_layer_norm = (cfg.do_layer_norm_before && !cfg.remove_final_layer_norm)
             .then(|| opt_layer_norm(cfg, decoder.pp("final_layer_norm")))
             .transpose()?;
-        // transformers ties the head to the embeddings whenever the config says
-        // so, ignoring any `lm_head.weight` in the file (they are equal in every
-        // published checkpoint); an untied config must carry its own head.
-        let lm_head_weight = if cfg.tie_word_embeddings {
-            embed_tokens.embeddings().clone()
-        } else {
-            vb.get((cfg.vocab_size, d), "lm_head.weight")?
-        };
         Ok(Self {
             embed_tokens,
             embed_positions,
             layers,
             final_layer_norm,
-            lm_head: Linear::with_format(lm_head_weight, None, cfg.quantization)?,
+            lm_head,
             max_position_embeddings: cfg.max_position_embeddings,
         })
     }

@@ -2,6 +2,8 @@
 //! the way `caption --model DIR` does.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod demo_outputs;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

@@ -1,0 +1,99 @@
+//! The hot CPU kernels on the vision encoder's shapes, ours against
+//! candle's general operations, in GFLOP/s:
+//!
+//!     cargo bench --bench kernels [-- ROUNDS]
+//!
+//! A working tool, like `stages`: no criterion, only the clock.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use caption::models::gemm::{self, FusedSelfAttention, PackedMatrix};
+
+fn main() -> anyhow::Result<()> {
+    let rounds: usize = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with("--"))
+        .map_or(Ok(5), |r| r.parse())?;
+    if !gemm::available() {
+        println!("no AVX-512 on this CPU: our kernels are not used here");
+        return Ok(());
+    }
+    let device = Device::Cpu;
+    // ViT-B/16 at 384 px: 577 tokens; qkv, projection, fc1, fc2. Then a
+    // decoding step's few rows.
+    for (m, k, n) in [
+        (577, 768, 2304),
+        (577, 768, 768),
+        (577, 768, 3072),
+        (577, 3072, 768),
+        (1, 768, 3072),
+        (8, 768, 3072),
+    ] {
+        let x = Tensor::randn(0f32, 1.0, (m, k), &device)?;
+        let w = Tensor::randn(0f32, 0.02, (n, k), &device)?;
+        let flops = 2.0 * (m * k * n) as f64;
+        let candle = best_of(rounds, || {
+            x.matmul(&w.t()?)?;
+            Ok(())
+        })?;
+        let weights: Vec<f32> = w.flatten_all()?.to_vec1()?;
+        let pack = best_of(rounds, || {
+            PackedMatrix::from_transposed(&weights, n, k, k);
+            Ok(())
+        })?;
+        let packed = PackedMatrix::from_transposed(&weights, n, k, k);
+        let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+        let mut out = vec![0f32; m * n];
+        let ours = best_of(rounds, || {
+            gemm::matmul(&xs, m, k, &packed, None, &mut out, n, true);
+            Ok(())
+        })?;
+        println!(
+            "linear {m:>4}x{k:>4}x{n:>4}  candle {:>6.1}  ours {:>6.1} GFLOP/s  (packing {:.1} GB/s)",
+            flops / candle / 1e9,
+            flops / ours / 1e9,
+            (weights.len() * 4) as f64 / pack / 1e9
+        );
+    }
+    let (tokens, heads, head_dim) = (577, 12, 64);
+    let d = heads * head_dim;
+    let qkv = Tensor::randn(0f32, 1.0, (1, tokens, 3 * d), &device)?;
+    let flops = 4.0 * (heads * tokens * tokens * head_dim) as f64;
+    let scale = (head_dim as f64).powf(-0.5);
+    let general = best_of(rounds, || {
+        let split = qkv
+            .reshape((1, tokens, 3, heads, head_dim))?
+            .permute((2, 0, 3, 1, 4))?;
+        let part = |i: usize| split.get(i)?.contiguous();
+        let context =
+            caption::models::general_attention(&part(0)?, &part(1)?, &part(2)?, scale, None)?;
+        caption::models::merge_heads(&context)?.contiguous()?;
+        Ok(())
+    })?;
+    let fused = best_of(rounds, || {
+        qkv.apply_op1_no_bwd(&FusedSelfAttention {
+            heads,
+            scale: scale as f32,
+        })?;
+        Ok(())
+    })?;
+    println!(
+        "attention 12 heads x 577 tokens  general {:>6.1}  fused {:>6.1} GFLOP/s",
+        flops / general / 1e9,
+        flops / fused / 1e9
+    );
+    Ok(())
+}
+
+/// Best time of `rounds` runs, in seconds (a kernel's speed, not the noise).
+fn best_of(rounds: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    f()?;
+    let mut best = f64::INFINITY;
+    for _ in 0..rounds {
+        let start = Instant::now();
+        f()?;
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
