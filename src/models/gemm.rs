@@ -112,7 +112,14 @@ impl PanelRows {
     fn mapped(len: usize) -> Self {
         let bytes = len * std::mem::size_of::<PanelRow>();
         match (bytes > 0).then(|| memmap2::MmapMut::map_anon(bytes)) {
-            Some(Ok(map)) => Self::Mapped { map, len },
+            Some(Ok(map)) => {
+                // Huge pages where the kernel offers them: a model's weights
+                // are gigabytes, and faulting them in 4 KB at a time was most
+                // of OPT-2.7b's load. A hint only; refusal changes nothing.
+                #[cfg(target_os = "linux")]
+                let _ = map.advise(memmap2::Advice::HugePage);
+                Self::Mapped { map, len }
+            }
             // No mapping to be had (or nothing to map): the heap will do.
             _ => Self::Heap(vec![PanelRow([0.0; NR]); len]),
         }
