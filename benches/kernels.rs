@@ -7,8 +7,10 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use caption::models::gemm::{self, FusedSelfAttention, PackedMatrix};
+use caption::models::gemm_bf16::{self, PackedMatrixBf16};
+use half::bf16;
 
 fn main() -> anyhow::Result<()> {
     let rounds: usize = std::env::args()
@@ -55,6 +57,25 @@ fn main() -> anyhow::Result<()> {
             flops / ours / 1e9,
             (weights.len() * 4) as f64 / pack / 1e9
         );
+        if gemm_bf16::available() {
+            let (x16, w16) = (x.to_dtype(DType::BF16)?, w.to_dtype(DType::BF16)?);
+            let candle = best_of(rounds, || {
+                x16.matmul(&w16.t()?)?;
+                Ok(())
+            })?;
+            let packed = PackedMatrixBf16::from_transposed(&w16.flatten_all()?.to_vec1()?, n, k);
+            let xs: Vec<bf16> = x16.flatten_all()?.to_vec1()?;
+            let mut out = vec![bf16::ZERO; m * n];
+            let ours = best_of(rounds, || {
+                gemm_bf16::matmul(&xs, m, &packed, None, &mut out);
+                Ok(())
+            })?;
+            println!(
+                "  bf16 {m:>4}x{k:>4}x{n:>4}  candle {:>6.1}  ours {:>6.1} GFLOP/s",
+                flops / candle / 1e9,
+                flops / ours / 1e9,
+            );
+        }
     }
     let (tokens, heads, head_dim) = (577, 12, 64);
     let d = heads * head_dim;

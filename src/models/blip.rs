@@ -17,7 +17,7 @@ use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
 use super::{
-    causal_mask, gemm, kernels, last_position, layer_norm, linear, merge_heads,
+    causal_mask, gemm, gemm_bf16, kernels, last_position, layer_norm, linear, merge_heads,
     scaled_dot_product_attention, split_heads, Activation, KvCache, LayerNorm, Linear,
     TokenEmbedding,
 };
@@ -314,6 +314,17 @@ impl VisionAttention {
             };
             let context = qkv.contiguous()?.apply_op1_no_bwd(&fused)?;
             return self.projection.forward(&context);
+        }
+        if qkv.device().is_cpu() && qkv.dtype() == DType::BF16 && gemm_bf16::available() {
+            // The same kernel on the bf16 projections widened to f32: candle's
+            // bf16 matmul is slower than the widening, and the attention is
+            // then computed more exactly than bf16 would.
+            let fused = gemm::FusedSelfAttention {
+                heads: self.num_heads,
+                scale: self.scale as f32,
+            };
+            let context = qkv.to_dtype(DType::F32)?.apply_op1_no_bwd(&fused)?;
+            return self.projection.forward(&context.to_dtype(DType::BF16)?);
         }
         // [b, t, 3, heads, hd] -> [3, b, heads, t, hd], as transformers permutes.
         let qkv = qkv

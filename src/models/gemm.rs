@@ -335,17 +335,24 @@ pub fn matmul(
     }
 }
 
-/// `c`'s base pointer, shared by tasks that write disjoint parts of it.
-#[derive(Clone, Copy)]
-struct OutputPtr(*mut f32);
-// SAFETY: tasks write disjoint elements (see `matmul`).
-unsafe impl Send for OutputPtr {}
-unsafe impl Sync for OutputPtr {}
+/// An output's base pointer, shared by tasks that write disjoint parts of it.
+pub(super) struct OutputPtr<T>(pub(super) *mut T);
+// SAFETY: tasks write disjoint elements (see `matmul` and its callers).
+unsafe impl<T> Send for OutputPtr<T> {}
+unsafe impl<T> Sync for OutputPtr<T> {}
 
-impl OutputPtr {
+impl<T> Clone for OutputPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T> Copy for OutputPtr<T> {}
+
+impl<T> OutputPtr<T> {
     /// A method, not a field access, so closures capture the whole
     /// (`Send`) wrapper rather than the bare pointer inside it.
-    fn at(self, offset: usize) -> *mut f32 {
+    pub(super) fn at(self, offset: usize) -> *mut T {
         self.0.wrapping_add(offset)
     }
 }
@@ -359,7 +366,7 @@ unsafe fn product_block(
     b: &PackedMatrix,
     panels: std::ops::Range<usize>,
     bias: Option<&[f32]>,
-    c: OutputPtr,
+    c: OutputPtr<f32>,
     ldc: usize,
 ) {
     let (k, n) = (b.k, b.n);
@@ -494,9 +501,8 @@ unsafe fn tile_kernel<const R: usize>(tile: &Tile, slice: Slice) {
 }
 
 /// The first `lanes` (at most 16) lanes of a register.
-#[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn lane_mask(lanes: usize) -> u16 {
+pub(super) fn lane_mask(lanes: usize) -> u16 {
     if lanes >= 16 {
         u16::MAX
     } else {
@@ -521,17 +527,11 @@ impl CustomOp1 for PackedLinear {
         let CpuStorage::F32(data) = storage else {
             candle_core::bail!("packed linear: f32 only");
         };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("packed linear: needs a contiguous input");
-        };
-        let (rows, width) = layout.shape().dims2()?;
         let (k, n) = (self.weight.k, self.weight.n);
-        if width != k {
-            candle_core::bail!("packed linear: input width {width}, weights expect {k}");
-        }
+        let (xs, rows) = linear_input(data, layout, k)?;
         let mut out = vec![0.0f32; rows * n];
         matmul(
-            &data[start..end],
+            xs,
             rows,
             k,
             &self.weight,
@@ -542,6 +542,22 @@ impl CustomOp1 for PackedLinear {
         );
         Ok((CpuStorage::F32(out), Shape::from((rows, n))))
     }
+}
+
+/// A linear layer's input `[rows, k]`: its contiguous values and `rows`.
+pub(super) fn linear_input<'a, T>(
+    data: &'a [T],
+    layout: &Layout,
+    k: usize,
+) -> Result<(&'a [T], usize)> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("packed linear: needs a contiguous input");
+    };
+    let (rows, width) = layout.shape().dims2()?;
+    if width != k {
+        candle_core::bail!("packed linear: input width {width}, weights expect {k}");
+    }
+    Ok((&data[start..end], rows))
 }
 
 /// softmax(q kᵀ · scale) v for every head of a ViT layer, from the fused

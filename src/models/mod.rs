@@ -7,13 +7,14 @@
 pub mod blip;
 pub mod blip2;
 pub mod gemm;
+pub mod gemm_bf16;
 pub mod kernels;
 pub mod opt;
 
 use std::borrow::Cow;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
-use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor, D};
+use candle_core::{DType, Device, Module, Result, Storage, Tensor, D};
 use candle_nn::VarBuilder;
 
 /// The activations transformers' `ACT2FN` maps config names to, for the names
@@ -124,6 +125,8 @@ enum LinearWeight {
     /// Float32 weights packed for [`gemm`]'s AVX-512 kernel (the bias
     /// travels inside), on CPUs that have it.
     Packed(std::sync::Arc<gemm::PackedLinear>),
+    /// bfloat16 weights packed for [`gemm_bf16`]'s AVX512-BF16 kernel.
+    PackedBf16(std::sync::Arc<gemm_bf16::PackedLinearBf16>),
     /// Activations are f32 on the way in (candle's quantized kernels read
     /// f32) and converted back to the model's dtype on the way out.
     Quantized(QMatMul),
@@ -148,7 +151,9 @@ impl Linear {
     ) -> Result<Self> {
         let layer = Self::unpacked(weight, bias, format)?;
         match &layer.weight {
-            LinearWeight::Dense(weight) if packable(weight) => layer.packed(),
+            LinearWeight::Dense(weight) if packable(weight) || packable_bf16(weight) => {
+                layer.packed()
+            }
             _ => Ok(layer),
         }
     }
@@ -179,47 +184,43 @@ impl Linear {
         })
     }
 
+    /// Float32 weights packed for [`gemm`], bfloat16 ones for [`gemm_bf16`]
+    /// (the caller checked the CPU runs them).
     fn packed(self) -> Result<Self> {
         let LinearWeight::Dense(weight) = &self.weight else {
             return Ok(self);
         };
         let (n, k) = weight.dims2()?;
-        let weight = weight.contiguous()?;
-        let packed = {
-            // Packed straight from the tensor's buffer: no copy of it first.
-            let (storage, layout) = weight.storage_and_layout();
-            let (Storage::Cpu(CpuStorage::F32(values)), Some((start, end))) =
-                (&*storage, layout.contiguous_offsets())
-            else {
-                candle_core::bail!("packing a linear layer: not contiguous f32 on the CPU");
-            };
-            gemm::PackedMatrix::from_transposed(&values[start..end], n, k, k)
-        };
+        // The bias joins the f32 sums, before any rounding to the output type.
         let bias = match &self.bias {
-            Some(bias) => Some(bias.to_vec1::<f32>()?),
+            Some(bias) => Some(bias.to_dtype(DType::F32)?.to_vec1::<f32>()?),
             None => None,
         };
-        let op = gemm::PackedLinear {
-            weight: packed,
-            bias,
+        let weight = match weight.dtype() {
+            DType::BF16 => {
+                LinearWeight::PackedBf16(std::sync::Arc::new(gemm_bf16::PackedLinearBf16 {
+                    weight: with_values(weight, |values| {
+                        gemm_bf16::PackedMatrixBf16::from_transposed(values, n, k)
+                    })?,
+                    bias,
+                }))
+            }
+            _ => LinearWeight::Packed(std::sync::Arc::new(gemm::PackedLinear {
+                weight: with_values(weight, |values| {
+                    gemm::PackedMatrix::from_transposed(values, n, k, k)
+                })?,
+                bias,
+            })),
         };
-        Ok(Self {
-            weight: LinearWeight::Packed(std::sync::Arc::new(op)),
-            bias: None,
-        })
-    }
-
-    /// The packed weights, where they are packed.
-    fn packed_weight(&self) -> Option<&std::sync::Arc<gemm::PackedLinear>> {
-        match &self.weight {
-            LinearWeight::Packed(op) => Some(op),
-            _ => None,
-        }
+        Ok(Self { weight, bias: None })
     }
 
     /// Whether the weights are packed for [`gemm`]'s kernel.
     pub fn is_packed(&self) -> bool {
-        matches!(self.weight, LinearWeight::Packed(_))
+        matches!(
+            self.weight,
+            LinearWeight::Packed(_) | LinearWeight::PackedBf16(_)
+        )
     }
 
     /// Whether the weights are held quantized.
@@ -245,6 +246,7 @@ impl Module for Linear {
                 add_bias(flat.matmul(&weight.t()?)?, self.bias.as_ref())?
             }
             LinearWeight::Packed(op) => flat.contiguous()?.apply_op1_no_bwd(op.as_ref())?,
+            LinearWeight::PackedBf16(op) => flat.contiguous()?.apply_op1_no_bwd(op.as_ref())?,
             LinearWeight::Quantized(weight) => {
                 let product = weight
                     .forward(&flat.to_dtype(DType::F32)?)?
@@ -267,6 +269,7 @@ impl Module for Linear {
 pub enum TokenEmbedding {
     Dense(candle_nn::Embedding),
     Packed(std::sync::Arc<gemm::PackedLinear>),
+    PackedBf16(std::sync::Arc<gemm_bf16::PackedLinearBf16>),
 }
 
 impl TokenEmbedding {
@@ -278,52 +281,90 @@ impl TokenEmbedding {
     pub fn table(&self) -> Option<&Tensor> {
         match self {
             Self::Dense(embedding) => Some(embedding.embeddings()),
-            Self::Packed(_) => None,
+            Self::Packed(_) | Self::PackedBf16(_) => None,
         }
     }
 
     /// This table, read from now on out of `head`'s packed weight when the
     /// head (built from [`Self::table`]) is packed; unchanged otherwise.
     pub fn tied_to(self, head: &Linear) -> Self {
-        match head.packed_weight() {
-            Some(packed) => Self::Packed(packed.clone()),
-            None => self,
+        match &head.weight {
+            LinearWeight::Packed(packed) => Self::Packed(packed.clone()),
+            LinearWeight::PackedBf16(packed) => Self::PackedBf16(packed.clone()),
+            _ => self,
         }
     }
 
     pub fn device(&self) -> Device {
         match self {
             Self::Dense(embedding) => embedding.embeddings().device().clone(),
-            Self::Packed(_) => Device::Cpu,
+            Self::Packed(_) | Self::PackedBf16(_) => Device::Cpu,
         }
     }
 
     /// `ids [..]` -> `[.., hidden]`.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        let Self::Packed(head) = self else {
-            let Self::Dense(embedding) = self else {
-                unreachable!()
-            };
-            return embedding.forward(ids);
-        };
-        let (vocab, hidden) = (head.weight.n(), head.weight.k());
-        let flat = ids.flatten_all()?.to_vec1::<u32>()?;
-        let mut out = vec![0f32; flat.len() * hidden];
-        for (&id, row) in flat.iter().zip(out.chunks_mut(hidden)) {
-            if id as usize >= vocab {
-                candle_core::bail!("token id {id} is outside the vocabulary of {vocab}");
+        match self {
+            Self::Dense(embedding) => embedding.forward(ids),
+            Self::Packed(head) => {
+                let weight = &head.weight;
+                gather_columns(ids, weight.n(), weight.k(), |id, row| {
+                    weight.copy_column(id, row)
+                })
             }
-            head.weight.copy_column(id as usize, row);
+            Self::PackedBf16(head) => {
+                let weight = &head.weight;
+                gather_columns(ids, weight.n(), weight.k(), |id, row| {
+                    weight.copy_column(id, row)
+                })
+            }
         }
-        let mut dims = ids.dims().to_vec();
-        dims.push(hidden);
-        Tensor::from_vec(out, dims, &Device::Cpu)
     }
+}
+
+/// `ids [..]` -> `[.., hidden]`, row by row from `copy_column(id, row)`.
+fn gather_columns<T: candle_core::WithDType>(
+    ids: &Tensor,
+    vocab: usize,
+    hidden: usize,
+    copy_column: impl Fn(usize, &mut [T]),
+) -> Result<Tensor> {
+    let flat = ids.flatten_all()?.to_vec1::<u32>()?;
+    let mut out = vec![T::zero(); flat.len() * hidden];
+    for (&id, row) in flat.iter().zip(out.chunks_mut(hidden)) {
+        if id as usize >= vocab {
+            candle_core::bail!("token id {id} is outside the vocabulary of {vocab}");
+        }
+        copy_column(id as usize, row);
+    }
+    let mut dims = ids.dims().to_vec();
+    dims.push(hidden);
+    Tensor::from_vec(out, dims, &Device::Cpu)
+}
+
+/// `f` on a CPU tensor's values, straight from its buffer (no copy of a
+/// contiguous one).
+fn with_values<T: candle_core::WithDType, R>(
+    tensor: &Tensor,
+    f: impl FnOnce(&[T]) -> R,
+) -> Result<R> {
+    let tensor = tensor.contiguous()?;
+    let (storage, layout) = tensor.storage_and_layout();
+    let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
+        candle_core::bail!("packing a linear layer: not contiguous on the CPU");
+    };
+    Ok(f(&cpu.as_slice::<T>()?[start..end]))
 }
 
 /// Whether a dense weight goes to [`gemm`]: float32 on a CPU that runs it.
 fn packable(weight: &Tensor) -> bool {
     weight.device().is_cpu() && weight.dtype() == DType::F32 && gemm::available()
+}
+
+/// Whether a dense weight goes to [`gemm_bf16`]: bfloat16 on a CPU with
+/// AVX512-BF16.
+fn packable_bf16(weight: &Tensor) -> bool {
+    weight.device().is_cpu() && weight.dtype() == DType::BF16 && gemm_bf16::available()
 }
 
 /// `QTensor::quantize` on slices of rows in parallel. It runs on one thread
