@@ -307,24 +307,26 @@ impl VisionAttention {
         let (b, t, d) = xs.dims3()?;
         let head_dim = d / self.num_heads;
         let qkv = self.qkv.forward(xs)?;
-        if qkv.device().is_cpu() && qkv.dtype() == DType::F32 && gemm::available() {
+        let fused_kernel = qkv.device().is_cpu()
+            && match qkv.dtype() {
+                DType::F32 => gemm::available(),
+                // bf16 projections widened to f32 for the same kernel:
+                // candle's bf16 matmul is slower than the widening, and the
+                // attention is then computed more exactly than bf16 would.
+                DType::BF16 => gemm_bf16::available(),
+                _ => false,
+            };
+        if fused_kernel {
             let fused = gemm::FusedSelfAttention {
                 heads: self.num_heads,
                 scale: self.scale as f32,
             };
-            let context = qkv.contiguous()?.apply_op1_no_bwd(&fused)?;
+            let context = qkv
+                .to_dtype(DType::F32)?
+                .contiguous()?
+                .apply_op1_no_bwd(&fused)?
+                .to_dtype(qkv.dtype())?;
             return self.projection.forward(&context);
-        }
-        if qkv.device().is_cpu() && qkv.dtype() == DType::BF16 && gemm_bf16::available() {
-            // The same kernel on the bf16 projections widened to f32: candle's
-            // bf16 matmul is slower than the widening, and the attention is
-            // then computed more exactly than bf16 would.
-            let fused = gemm::FusedSelfAttention {
-                heads: self.num_heads,
-                scale: self.scale as f32,
-            };
-            let context = qkv.to_dtype(DType::F32)?.apply_op1_no_bwd(&fused)?;
-            return self.projection.forward(&context.to_dtype(DType::BF16)?);
         }
         // [b, t, 3, heads, hd] -> [3, b, heads, t, hd], as transformers permutes.
         let qkv = qkv
@@ -687,9 +689,7 @@ impl TextDecoder {
     pub fn device(&self) -> &Device {
         &self.device
     }
-}
 
-impl TextDecoder {
     pub fn new(cfg: &TextConfig, vb: VarBuilder) -> anyhow::Result<Self> {
         let bert = vb.pp("bert");
         let mut embeddings = TextEmbeddings::new(cfg, bert.pp("embeddings"))?;

@@ -31,7 +31,7 @@ use rayon::prelude::*;
 pub const NR: usize = 32;
 /// Rows per tile: 12 rows × 2 registers = 24 accumulators, leaving room for
 /// the two packed rows and the broadcast value.
-const MR: usize = 12;
+pub(super) const MR: usize = 12;
 /// Depth per pass: a tile runs the whole depth of the ViT-B products (768)
 /// in one go, so its output is written once, never read back. Measured on
 /// one core, 577 × 768 × 3072: 147 GFLOP/s with 256 (partial sums stored
@@ -306,10 +306,24 @@ pub fn matmul(
         // tasks write disjoint (row block, panel range) rectangles of `c`.
         unsafe { product_block(a, lda, rows, b, panels, bias, out, ldc) }
     };
-    let panels = b.panels();
-    // Row blocks of at most MC rows, evened out (577 rows: 204, 204, 169,
-    // not 240, 240, 97) so tasks are of a size.
-    let row_blocks = m.div_ceil(MC);
+    for_each_block(m, b.panels(), MC, parallel, run);
+}
+
+/// Cuts an `m`-row × `panels`-panel product into (row block, panel range)
+/// tasks and runs `run` on each, over the thread pool when `parallel`.
+/// Row blocks of at most `max_rows` (a multiple of [`MR`]) are evened out
+/// (577 rows by 240: 204, 204, 169, not 240, 240, 97) so tasks are of a
+/// size; panels are grouped so every thread has work twice over (for
+/// balance), cutting first along rows (each task then streams its own
+/// slice of `a`).
+pub(super) fn for_each_block(
+    m: usize,
+    panels: usize,
+    max_rows: usize,
+    parallel: bool,
+    run: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>) + Sync,
+) {
+    let row_blocks = m.div_ceil(max_rows);
     let block_rows = m.div_ceil(row_blocks).next_multiple_of(MR);
     let row_blocks = m.div_ceil(block_rows);
     let threads = if parallel {
@@ -317,16 +331,12 @@ pub fn matmul(
     } else {
         1
     };
-    // Enough tasks to keep every thread busy (twice over, for balance), cut
-    // first along rows (each task then streams its own slice of `a`).
     let panel_groups = (2 * threads).div_ceil(row_blocks).clamp(1, panels);
     let per_group = panels.div_ceil(panel_groups);
-    let tasks = row_blocks * panels.div_ceil(per_group);
+    let panel_groups = panels.div_ceil(per_group);
+    let tasks = row_blocks * panel_groups;
     let task = |t: usize| {
-        let (block, group) = (
-            t / panels.div_ceil(per_group),
-            t % panels.div_ceil(per_group),
-        );
+        let (block, group) = (t / panel_groups, t % panel_groups);
         let rows = block * block_rows..((block + 1) * block_rows).min(m);
         let cols = group * per_group..((group + 1) * per_group).min(panels);
         run(rows, cols)

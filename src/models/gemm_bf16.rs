@@ -18,12 +18,10 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 use half::bf16;
 use rayon::prelude::*;
 
-use super::gemm::{lane_mask, linear_input, OutputPtr};
+use super::gemm::{for_each_block, lane_mask, linear_input, OutputPtr, MR};
 
 /// Output columns per panel: two 16-lane registers of f32 sums.
 const NR: usize = 32;
-/// Rows per tile: 12 rows × 2 registers = 24 accumulators.
-const MR: usize = 12;
 /// Bytes of `a` a row block may take, so it stays in L2 while panels pass.
 const BLOCK_BYTES: usize = 512 * 1024;
 
@@ -124,23 +122,12 @@ pub fn matmul(a: &[bf16], m: usize, b: &PackedMatrixBf16, bias: Option<&[f32]>, 
     if let Some(bias) = bias {
         assert!(bias.len() >= n, "bf16 matmul: bias too short");
     }
-    let panels = n.div_ceil(NR);
-    let block_rows = (BLOCK_BYTES / (2 * k.max(1)))
+    let max_rows = (BLOCK_BYTES / (2 * k.max(1)))
         .clamp(MR, 240)
         .next_multiple_of(MR);
-    let row_blocks = m.div_ceil(block_rows);
-    let block_rows = m.div_ceil(row_blocks).next_multiple_of(MR);
-    let row_blocks = m.div_ceil(block_rows);
-    let threads = rayon::current_num_threads();
-    let groups = (2 * threads).div_ceil(row_blocks).clamp(1, panels);
-    let per_group = panels.div_ceil(groups);
-    let groups = panels.div_ceil(per_group);
     let out = OutputPtr(c.as_mut_ptr());
-    let task = |t: usize| {
-        let (block, group) = (t / groups, t % groups);
-        let rows = block * block_rows..((block + 1) * block_rows).min(m);
-        let cols = group * per_group..((group + 1) * per_group).min(panels);
-        for panel in cols {
+    let run = |rows: std::ops::Range<usize>, panels: std::ops::Range<usize>| {
+        for panel in panels {
             let packed = &b.rows[panel * k.div_ceil(2)..][..k.div_ceil(2)];
             let columns = NR.min(n - panel * NR);
             let bias = bias.map(|bias| &bias[panel * NR..][..columns]);
@@ -163,12 +150,7 @@ pub fn matmul(a: &[bf16], m: usize, b: &PackedMatrixBf16, bias: Option<&[f32]>, 
             }
         }
     };
-    let tasks = row_blocks * groups;
-    if tasks == 1 {
-        task(0);
-    } else {
-        (0..tasks).into_par_iter().for_each(task);
-    }
+    for_each_block(m, n.div_ceil(NR), max_rows, true, run);
 }
 
 struct Tile<'a> {

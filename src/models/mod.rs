@@ -151,9 +151,7 @@ impl Linear {
     ) -> Result<Self> {
         let layer = Self::unpacked(weight, bias, format)?;
         match &layer.weight {
-            LinearWeight::Dense(weight) if packable(weight) || packable_bf16(weight) => {
-                layer.packed()
-            }
+            LinearWeight::Dense(weight) if packable(weight) => layer.packed(),
             _ => Ok(layer),
         }
     }
@@ -356,15 +354,15 @@ fn with_values<T: candle_core::WithDType, R>(
     Ok(f(&cpu.as_slice::<T>()?[start..end]))
 }
 
-/// Whether a dense weight goes to [`gemm`]: float32 on a CPU that runs it.
+/// Whether a dense weight is packed: float32 for [`gemm`], bfloat16 for
+/// [`gemm_bf16`], on a CPU that runs the kernel.
 fn packable(weight: &Tensor) -> bool {
-    weight.device().is_cpu() && weight.dtype() == DType::F32 && gemm::available()
-}
-
-/// Whether a dense weight goes to [`gemm_bf16`]: bfloat16 on a CPU with
-/// AVX512-BF16.
-fn packable_bf16(weight: &Tensor) -> bool {
-    weight.device().is_cpu() && weight.dtype() == DType::BF16 && gemm_bf16::available()
+    weight.device().is_cpu()
+        && match weight.dtype() {
+            DType::F32 => gemm::available(),
+            DType::BF16 => gemm_bf16::available(),
+            _ => false,
+        }
 }
 
 /// `QTensor::quantize` on slices of rows in parallel. It runs on one thread

@@ -8,6 +8,7 @@
 //! `model.decoder.layers.3.self_attn.q_proj` is `model` → `decoder` →
 //! `layers[3]` → `self_attn.q_proj`.
 
+use anyhow::Context;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
@@ -310,7 +311,7 @@ impl OptForCausalLM {
         let (embed_tokens, lm_head) = if cfg.tie_word_embeddings {
             let table = embed_tokens
                 .table()
-                .expect("a freshly loaded table")
+                .context("token embeddings not loaded as a table")?
                 .clone();
             let lm_head = Linear::with_format(table, None, cfg.quantization)?;
             // One copy of the table, shared with the (packed) head.
