@@ -32,16 +32,21 @@ pub fn folder(name: &str) -> Result<PathBuf> {
     extract(bundle, &cache_dir())
 }
 
-/// `$XDG_CACHE_HOME/caption/bundled`, else `~/.cache/caption/bundled`, else
-/// the system's temporary folder.
+/// `<cache root>/bundled` ([`cache_root`]).
 pub fn cache_dir() -> PathBuf {
+    cache_root().join("bundled")
+}
+
+/// Our cache folder: `$XDG_CACHE_HOME/caption`, else `~/.cache/caption`,
+/// else `caption` in the system's temporary folder.
+pub fn cache_root() -> PathBuf {
     let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
     let base = match (var("XDG_CACHE_HOME"), var("HOME")) {
         (Some(xdg), _) => PathBuf::from(xdg),
         (None, Some(home)) => PathBuf::from(home).join(".cache"),
         (None, None) => std::env::temp_dir(),
     };
-    base.join("caption").join("bundled")
+    base.join("caption")
 }
 
 /// Writes `bundle` to `<root>/<name>-<digest>` unless it is already there.

@@ -218,6 +218,15 @@ pub struct RuntimeArgs {
     /// CPU threads for the model [default: all cores].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub threads: Option<u32>,
+
+    /// Do not keep a copy of the weights in the CPU kernels' layout under
+    /// ~/.cache/caption/packed ($XDG_CACHE_HOME/caption/packed). The first
+    /// run of each model and setting writes it (about the model's size);
+    /// later runs map it instead of converting the weights again, and start
+    /// several times faster. Also CAPTION_NO_WEIGHT_CACHE=1.
+    #[arg(long, env = "CAPTION_NO_WEIGHT_CACHE", hide_env = true,
+          value_parser = clap::builder::FalseyValueParser::new())]
+    pub no_weight_cache: bool,
 }
 
 /// `caption chat IMAGE`.
@@ -506,7 +515,7 @@ pub fn load_captioner(
     Ok(captioner)
 }
 
-/// `--device`, `--dtype` and `--threads`, applied.
+/// `--device`, `--dtype`, `--threads` and the weight cache, applied.
 pub fn runtime_options(args: &RuntimeArgs) -> Result<RuntimeOptions> {
     if let Some(threads) = args.threads {
         // candle's CPU kernels size their thread pools from this variable; we
@@ -517,6 +526,7 @@ pub fn runtime_options(args: &RuntimeArgs) -> Result<RuntimeOptions> {
         device: parse_device(&args.device)?,
         dtype: args.dtype.dtype(),
         quantization: args.quantize.map(QuantizeArg::quantization),
+        pack_cache: (!args.no_weight_cache).then(|| crate::bundled::cache_root().join("packed")),
     })
 }
 

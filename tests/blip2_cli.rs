@@ -47,6 +47,8 @@ fn caption(home: &Path) -> Command {
         cmd.env_remove(var);
     }
     cmd.env("HOME", home).env("RUST_BACKTRACE", "0");
+    // The weight cache (and its first-run note) is tested in tests/cli.rs.
+    cmd.env("CAPTION_NO_WEIGHT_CACHE", "1");
     cmd
 }
 

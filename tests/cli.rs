@@ -58,6 +58,8 @@ fn bare_caption(home: &Path) -> Command {
         cmd.env_remove(var);
     }
     cmd.env("HOME", home);
+    // The weight cache's first-run note is tested on its own below.
+    cmd.env("CAPTION_NO_WEIGHT_CACHE", "1");
     cmd
 }
 
@@ -634,4 +636,60 @@ fn images_can_be_given_as_urls() {
     // The size cap.
     let err = caption::fetch::download(&good, 100).unwrap_err();
     assert!(err.contains("larger than 100 bytes"), "{err}");
+}
+
+/// The weight cache from the command line: the first run saves it under the
+/// cache folder and says so in one note, later runs use it silently and
+/// print the same captions, and `--no-weight-cache` neither reads nor
+/// writes it. (Packing, and so the cache, needs the AVX-512 kernels.)
+#[test]
+fn the_first_run_saves_the_weight_cache_and_later_runs_use_it() {
+    let home = tempfile::tempdir().unwrap();
+    let packed = home.path().join(".cache/caption/packed");
+    let run = |extra: &[&str]| {
+        let out = caption(home.path())
+            .env_remove("CAPTION_NO_WEIGHT_CACHE")
+            .arg("-m")
+            .arg(model_dir())
+            .args(extra)
+            .arg(image("chelsea.png"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert_eq!(stdout(&out), format!("{}\n", reference_text("chelsea.png")));
+        stderr(&out)
+    };
+    let files = || -> Vec<PathBuf> {
+        std::fs::read_dir(&packed)
+            .map(|d| d.map(|e| e.unwrap().path()).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(run(&["--no-weight-cache"]), "");
+    assert!(files().is_empty(), "{:?}", files());
+    let first = run(&[]);
+    if !caption::models::gemm::available() {
+        assert_eq!(first, "");
+        assert!(files().is_empty(), "{:?}", files());
+        return;
+    }
+    let saved = files();
+    assert_eq!(saved.len(), 1, "{saved:?}");
+    assert_eq!(first.lines().count(), 1, "{first}");
+    assert!(
+        first.starts_with("caption: note: ")
+            && first.contains("saved the weights")
+            && first.contains(&saved[0].display().to_string()),
+        "{first}"
+    );
+    let modified = std::fs::metadata(&saved[0]).unwrap().modified().unwrap();
+    assert_eq!(run(&[]), "");
+    assert_eq!(files(), saved);
+    assert_eq!(
+        std::fs::metadata(&saved[0]).unwrap().modified().unwrap(),
+        modified
+    );
+    // -q keeps even the first run's note to itself.
+    std::fs::remove_file(&saved[0]).unwrap();
+    assert_eq!(run(&["-q"]), "");
+    assert_eq!(files(), saved);
 }

@@ -16,6 +16,8 @@ fn caption(home: &Path) -> Command {
     for var in ["HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "CAPTION_MODEL"] {
         cmd.env_remove(var);
     }
+    // The weight cache (and its first-run note) is tested in tests/cli.rs.
+    cmd.env("CAPTION_NO_WEIGHT_CACHE", "1");
     cmd.env("HOME", home)
         .arg("--no-exif-rotate")
         .arg("-m")

@@ -4,17 +4,20 @@
 pub mod blip2;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::generate::{self, Decoder, GenerationConfig, GenerationDefaults, Limits};
-use crate::hub::ModelFiles;
+use crate::hub::{ModelFiles, ModelSource};
 use crate::image::PreprocessConfig;
 use crate::models::blip::{
     BlipConfig, BlipForConditionalGeneration, BlipForQuestionAnswering, DecoderState, TextDecoder,
 };
 use crate::models::blip2::{Blip2Config, Blip2ForConditionalGeneration};
+use crate::models::pack_cache::{self, PackCache};
+use crate::models::{gemm, gemm_bf16, LinearOptions};
 pub use crate::models::{QuantFormat, Quantization};
 use crate::registry::Family;
 use crate::tokenizer::TextCodec;
@@ -29,6 +32,11 @@ pub struct RuntimeOptions {
     pub dtype: Option<DType>,
     /// Quantize linear-layer weights at load (`--quantize`; CPU only).
     pub quantization: Option<Quantization>,
+    /// The folder of the weight cache (see [`crate::models::pack_cache`]):
+    /// linear layers packed for the CPU kernels, saved by the first load and
+    /// mapped by later ones. `None`, the library's default, packs at every
+    /// load; the CLI's default is [`crate::bundled::cache_root`]`/packed`.
+    pub pack_cache: Option<std::path::PathBuf>,
 }
 
 impl Default for RuntimeOptions {
@@ -37,6 +45,7 @@ impl Default for RuntimeOptions {
             device: Device::Cpu,
             dtype: None,
             quantization: None,
+            pack_cache: None,
         }
     }
 }
@@ -90,6 +99,8 @@ pub struct Captioner {
     notes: Vec<String>,
     /// BLIP-2: how `--ask` turns a question into a prompt (`{}` is the question).
     question_template: String,
+    /// What the weight cache did at load, when there was one.
+    weight_cache: Option<pack_cache::Outcome>,
 }
 
 impl Captioner {
@@ -131,11 +142,15 @@ impl Captioner {
                 "--quantize runs on the CPU (candle's quantized kernels); drop it to use {:?}",
                 runtime.device
             );
-            parsed.set_quantization(runtime.quantization);
         }
         let dtype = runtime.dtype.unwrap_or_else(|| match runtime.device {
             Device::Cpu => DType::F32,
             _ => weights::checkpoint_dtype(&config_json).unwrap_or(DType::F32),
+        });
+        let pack_cache = open_pack_cache(files, runtime, dtype, &config_text)?;
+        parsed.set_linear_options(LinearOptions {
+            quantization: runtime.quantization,
+            pack_cache: pack_cache.clone(),
         });
         let preprocess = load_preprocess_config(&files.image_processor)?;
         let image_size = parsed.image_size();
@@ -189,6 +204,17 @@ impl Captioner {
                 }
             }
         };
+        let weight_cache = match pack_cache.as_deref().map(PackCache::finish) {
+            Some(Ok(outcome)) => {
+                notes.extend(pack_cache_note(&outcome));
+                Some(outcome)
+            }
+            Some(Err(err)) => {
+                notes.push(format!("could not save the weight cache: {err:#}"));
+                None
+            }
+            None => None,
+        };
         Ok(Self {
             model,
             codec,
@@ -198,6 +224,7 @@ impl Captioner {
             generation_defaults,
             notes,
             question_template: blip2::DEFAULT_QUESTION_TEMPLATE.to_string(),
+            weight_cache,
         })
     }
 
@@ -222,6 +249,12 @@ impl Captioner {
     /// config that were filled from the family's known values).
     pub fn notes(&self) -> &[String] {
         &self.notes
+    }
+
+    /// What the weight cache did at load: `None` without one (the runtime
+    /// asked for none, or nothing here is packed).
+    pub fn weight_cache(&self) -> Option<&pack_cache::Outcome> {
+        self.weight_cache.as_ref()
     }
 
     pub fn preprocess_config(&self) -> &PreprocessConfig {
@@ -585,17 +618,17 @@ enum ParsedConfig {
 }
 
 impl ParsedConfig {
-    /// Every part of the model quantizes its linear layers the same way.
-    fn set_quantization(&mut self, quantization: Option<Quantization>) {
+    /// Every part of the model holds its linear layers the same way.
+    fn set_linear_options(&mut self, options: LinearOptions) {
         match self {
             Self::Blip(config) => {
-                config.vision_config.quantization = quantization;
-                config.text_config.quantization = quantization;
+                config.vision_config.linear = options.clone();
+                config.text_config.linear = options;
             }
             Self::Blip2(config) => {
-                config.vision_config.quantization = quantization;
-                config.qformer_config.quantization = quantization;
-                config.text_config.quantization = quantization;
+                config.vision_config.linear = options.clone();
+                config.qformer_config.linear = options.clone();
+                config.text_config.linear = options;
             }
         }
     }
@@ -637,6 +670,68 @@ fn read(path: &Path) -> Result<String> {
 
 /// The image processor settings: `preprocessor_config.json` as it is, or the
 /// `image_processor` object inside transformers 5's `processor_config.json`.
+/// The weight cache for this load, where the runtime asks for one and
+/// something would be saved: safetensors weights on the CPU, packed for our
+/// kernels (where it has them) or quantized.
+fn open_pack_cache(
+    files: &ModelFiles,
+    runtime: &RuntimeOptions,
+    dtype: DType,
+    config_text: &str,
+) -> Result<Option<Arc<PackCache>>> {
+    let (Some(dir), crate::hub::WeightFiles::Safetensors(weights)) =
+        (&runtime.pack_cache, &files.weights)
+    else {
+        return Ok(None);
+    };
+    let kernels = (gemm::available(), gemm_bf16::available());
+    let nothing_to_save = kernels == (false, false) && runtime.quantization.is_none();
+    if !runtime.device.is_cpu() || nothing_to_save {
+        return Ok(None);
+    }
+    let settings = format!(
+        "dtype {dtype:?}, quantization {:?}, kernels f32 {} bf16 {}",
+        runtime.quantization, kernels.0, kernels.1
+    );
+    let label = match &files.source {
+        ModelSource::Hub(model) => model.repo.clone(),
+        ModelSource::Folder(dir) => std::fs::canonicalize(dir)
+            .unwrap_or_else(|_| dir.clone())
+            .display()
+            .to_string(),
+    };
+    let source = pack_cache::Source {
+        label: &label,
+        weights,
+        config_json: config_text,
+        settings: &settings,
+    };
+    Ok(Some(Arc::new(PackCache::open(dir, &source)?)))
+}
+
+/// What a user should hear about the weight cache after a load: that it
+/// was written (once per model and setting).
+fn pack_cache_note(outcome: &pack_cache::Outcome) -> Option<String> {
+    let pack_cache::Outcome::Written {
+        path,
+        bytes,
+        replaced,
+    } = outcome
+    else {
+        return None;
+    };
+    Some(format!(
+        "saved the weights in the CPU kernels' layout to {} ({} MB){}; later runs load \
+         from there in a fraction of the time (--no-weight-cache: don't)",
+        path.display(),
+        bytes.div_ceil(1_000_000),
+        replaced
+            .as_ref()
+            .map(|why| format!(", replacing the file there ({why})"))
+            .unwrap_or_default()
+    ))
+}
+
 fn load_preprocess_config(path: &Path) -> Result<PreprocessConfig> {
     let text = read(path)?;
     let json: serde_json::Value =

@@ -49,10 +49,10 @@ pub struct VisionConfig {
     /// zero) only when `qkv_bias` is set.
     #[serde(default = "defaults::yes")]
     pub qkv_bias: bool,
-    /// How linear weights are held in memory (`--quantize`); not read from
-    /// config.json, set by the loader.
+    /// How linear weights are held in memory (`--quantize`, the pack
+    /// cache); not read from config.json, set by the loader.
     #[serde(skip)]
-    pub quantization: Option<super::Quantization>,
+    pub linear: super::LinearOptions,
 }
 
 impl VisionConfig {
@@ -106,10 +106,10 @@ pub struct TextConfig {
     pub pad_token_id: u32,
     #[serde(default = "defaults::sep_token_id")]
     pub sep_token_id: u32,
-    /// How linear weights are held in memory (`--quantize`); not read from
-    /// config.json, set by the loader.
+    /// How linear weights are held in memory (`--quantize`, the pack
+    /// cache); not read from config.json, set by the loader.
     #[serde(skip)]
-    pub quantization: Option<super::Quantization>,
+    pub linear: super::LinearOptions,
 }
 
 impl TextConfig {
@@ -293,11 +293,11 @@ impl VisionAttention {
         let head_dim = d / cfg.num_attention_heads;
         Ok(Self {
             qkv: if cfg.qkv_bias {
-                linear(d, 3 * d, cfg.quantization, vb.pp("qkv"))?
+                linear(d, 3 * d, &cfg.linear, vb.pp("qkv"))?
             } else {
-                super::linear_no_bias(d, 3 * d, cfg.quantization, vb.pp("qkv"))?
+                super::linear_no_bias(d, 3 * d, &cfg.linear, vb.pp("qkv"))?
             },
-            projection: linear(d, d, cfg.quantization, vb.pp("projection"))?,
+            projection: linear(d, d, &cfg.linear, vb.pp("projection"))?,
             num_heads: cfg.num_attention_heads,
             scale: (head_dim as f64).powf(-0.5),
         })
@@ -354,13 +354,13 @@ impl VisionMlp {
             fc1: linear(
                 cfg.hidden_size,
                 cfg.intermediate_size,
-                cfg.quantization,
+                &cfg.linear,
                 vb.pp("fc1"),
             )?,
             fc2: linear(
                 cfg.intermediate_size,
                 cfg.hidden_size,
-                cfg.quantization,
+                &cfg.linear,
                 vb.pp("fc2"),
             )?,
             act: Activation::from_config_name(&cfg.hidden_act)?,
@@ -474,7 +474,12 @@ impl TextEmbeddings {
     fn new(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         Ok(Self {
-            word_embeddings: TokenEmbedding::new(cfg.vocab_size, d, vb.pp("word_embeddings"))?,
+            word_embeddings: TokenEmbedding::new(
+                cfg.vocab_size,
+                d,
+                &cfg.linear,
+                vb.pp("word_embeddings"),
+            )?,
             position_embeddings: candle_nn::embedding(
                 cfg.max_position_embeddings,
                 d,
@@ -517,10 +522,10 @@ impl TextAttention {
         let heads = cfg.num_attention_heads();
         let self_vb = vb.pp("self");
         Ok(Self {
-            query: linear(d, d, cfg.quantization, self_vb.pp("query"))?,
-            key: linear(kv_dim, d, cfg.quantization, self_vb.pp("key"))?,
-            value: linear(kv_dim, d, cfg.quantization, self_vb.pp("value"))?,
-            output_dense: linear(d, d, cfg.quantization, vb.pp("output.dense"))?,
+            query: linear(d, d, &cfg.linear, self_vb.pp("query"))?,
+            key: linear(kv_dim, d, &cfg.linear, self_vb.pp("key"))?,
+            value: linear(kv_dim, d, &cfg.linear, self_vb.pp("value"))?,
+            output_dense: linear(d, d, &cfg.linear, vb.pp("output.dense"))?,
             output_layer_norm: layer_norm(d, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
             num_heads: heads,
             scale: 1.0 / ((d / heads) as f64).sqrt(),
@@ -598,16 +603,11 @@ impl TextLayer {
             intermediate: linear(
                 d,
                 cfg.intermediate_size,
-                cfg.quantization,
+                &cfg.linear,
                 vb.pp("intermediate.dense"),
             )?,
             act: Activation::from_config_name(&cfg.hidden_act)?,
-            output_dense: linear(
-                cfg.intermediate_size,
-                d,
-                cfg.quantization,
-                vb.pp("output.dense"),
-            )?,
+            output_dense: linear(cfg.intermediate_size, d, &cfg.linear, vb.pp("output.dense"))?,
             output_layer_norm: layer_norm(d, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
         })
     }
@@ -644,26 +644,60 @@ struct LmPredictionHead {
 }
 
 impl LmPredictionHead {
-    fn new(cfg: &TextConfig, vb: VarBuilder, word_embeddings: &Tensor) -> anyhow::Result<Self> {
+    /// `decoder`: the output projection, built by [`Self::decoder`] or the
+    /// one a pack-cached word-embedding table is read out of.
+    fn new(cfg: &TextConfig, vb: VarBuilder, decoder: Linear) -> anyhow::Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(Self {
+            transform_dense: linear(d, d, &cfg.linear, vb.pp("transform.dense"))?,
+            transform_act: Activation::from_config_name(&cfg.hidden_act)?,
+            transform_layer_norm: layer_norm(d, cfg.layer_norm_eps, vb.pp("transform.LayerNorm"))?,
+            decoder,
+        })
+    }
+
+    /// The output projection: its own weight where the checkpoint has one,
+    /// else the word-embedding table (`word_embeddings`, saved in the pack
+    /// cache under `table_name`).
+    fn decoder(
+        cfg: &TextConfig,
+        vb: &VarBuilder,
+        word_embeddings: &TokenEmbedding,
+        table_name: &str,
+    ) -> anyhow::Result<Linear> {
         let d = cfg.hidden_size;
         // Checkpoints saved by transformers 5 drop tied tensors: the decoder weight
         // is the word embedding matrix, and its bias lives at `predictions.bias`.
-        let weight = if vb.contains_tensor("decoder.weight") {
-            vb.get((cfg.vocab_size, d), "decoder.weight")?
-        } else {
-            word_embeddings.clone()
+        let bias = || {
+            if vb.contains_tensor("decoder.bias") {
+                vb.get(cfg.vocab_size, "decoder.bias")
+            } else {
+                vb.get(cfg.vocab_size, "bias")
+            }
         };
-        let bias = if vb.contains_tensor("decoder.bias") {
-            vb.get(cfg.vocab_size, "decoder.bias")?
-        } else {
-            vb.get(cfg.vocab_size, "bias")?
+        if vb.contains_tensor("decoder.weight") {
+            let read = || {
+                Ok((
+                    vb.get((cfg.vocab_size, d), "decoder.weight")?,
+                    Some(bias()?),
+                ))
+            };
+            return Ok(cfg
+                .linear
+                .layer(&vb.pp("decoder"), d, cfg.vocab_size, read)?);
+        }
+        if let Some(decoder) = word_embeddings.tied_head() {
+            return Ok(decoder);
+        }
+        let read = || {
+            let table = word_embeddings.table().ok_or_else(|| {
+                candle_core::Error::Msg("word embeddings not loaded as a table".into())
+            })?;
+            Ok((table.clone(), Some(bias()?)))
         };
-        Ok(Self {
-            transform_dense: linear(d, d, cfg.quantization, vb.pp("transform.dense"))?,
-            transform_act: Activation::from_config_name(&cfg.hidden_act)?,
-            transform_layer_norm: layer_norm(d, cfg.layer_norm_eps, vb.pp("transform.LayerNorm"))?,
-            decoder: Linear::with_format(weight, Some(bias), cfg.quantization)?,
-        })
+        Ok(cfg
+            .linear
+            .layer_named(table_name, vb.dtype(), d, cfg.vocab_size, read)?)
     }
 
     fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
@@ -698,18 +732,14 @@ impl TextDecoder {
         // only while little else is loaded; the freed copy's memory goes to
         // the layers loaded next.
         let predictions = vb.pp("cls.predictions");
-        let tied = !predictions.contains_tensor("decoder.weight");
-        let table = embeddings
-            .word_embeddings
-            .table()
-            .context("word embeddings not loaded as a table")?
-            .clone();
-        let head = LmPredictionHead::new(cfg, predictions, &table)?;
-        drop(table);
-        if tied {
+        let table_name = format!("{}.weight", bert.pp("embeddings.word_embeddings").prefix());
+        let decoder =
+            LmPredictionHead::decoder(cfg, &predictions, &embeddings.word_embeddings, &table_name)?;
+        if !predictions.contains_tensor("decoder.weight") {
             // One copy of the table, shared with the (packed) head.
-            embeddings.word_embeddings = embeddings.word_embeddings.tied_to(&head.decoder);
+            embeddings.word_embeddings = embeddings.word_embeddings.tied_to(&decoder);
         }
+        let head = LmPredictionHead::new(cfg, predictions, decoder)?;
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| TextLayer::new(cfg, bert.pp("encoder.layer").pp(i)))
             .collect::<anyhow::Result<Vec<_>>>()?;

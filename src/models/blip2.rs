@@ -46,10 +46,10 @@ pub struct Blip2VisionConfig {
     pub layer_norm_eps: f64,
     #[serde(default = "defaults::yes")]
     pub qkv_bias: bool,
-    /// How linear weights are held in memory (`--quantize`); not read from
-    /// config.json, set by the loader.
+    /// How linear weights are held in memory (`--quantize`, the pack
+    /// cache); not read from config.json, set by the loader.
     #[serde(skip)]
-    pub quantization: Option<super::Quantization>,
+    pub linear: super::LinearOptions,
 }
 
 impl Blip2VisionConfig {
@@ -66,7 +66,7 @@ impl Blip2VisionConfig {
             hidden_act: self.hidden_act.clone(),
             layer_norm_eps: self.layer_norm_eps,
             qkv_bias: self.qkv_bias,
-            quantization: self.quantization,
+            linear: self.linear.clone(),
         }
     }
 }
@@ -89,10 +89,10 @@ pub struct QFormerConfig {
     /// Every this-many layers (from layer 0) cross-attends to the image.
     #[serde(default = "defaults::cross_attention_frequency")]
     pub cross_attention_frequency: usize,
-    /// How linear weights are held in memory (`--quantize`); not read from
-    /// config.json, set by the loader.
+    /// How linear weights are held in memory (`--quantize`, the pack
+    /// cache); not read from config.json, set by the loader.
     #[serde(skip)]
-    pub quantization: Option<super::Quantization>,
+    pub linear: super::LinearOptions,
 }
 
 /// `Blip2Config`: the top-level config.json of a BLIP-2 checkpoint.
@@ -232,10 +232,10 @@ impl QFormerAttention {
         let d = cfg.hidden_size;
         let attention = vb.pp("attention");
         Ok(Self {
-            query: linear(d, d, cfg.quantization, attention.pp("query"))?,
-            key: linear(kv_dim, d, cfg.quantization, attention.pp("key"))?,
-            value: linear(kv_dim, d, cfg.quantization, attention.pp("value"))?,
-            output_dense: linear(d, d, cfg.quantization, vb.pp("output.dense"))?,
+            query: linear(d, d, &cfg.linear, attention.pp("query"))?,
+            key: linear(kv_dim, d, &cfg.linear, attention.pp("key"))?,
+            value: linear(kv_dim, d, &cfg.linear, attention.pp("value"))?,
+            output_dense: linear(d, d, &cfg.linear, vb.pp("output.dense"))?,
             output_layer_norm: layer_norm(d, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
             num_heads: cfg.num_attention_heads,
             scale: ((d / cfg.num_attention_heads) as f64).powf(-0.5),
@@ -284,14 +284,14 @@ impl QFormerLayer {
             intermediate_query: linear(
                 d,
                 cfg.intermediate_size,
-                cfg.quantization,
+                &cfg.linear,
                 vb.pp("intermediate_query.dense"),
             )?,
             act: Activation::from_config_name(&cfg.hidden_act)?,
             output_query_dense: linear(
                 cfg.intermediate_size,
                 d,
-                cfg.quantization,
+                &cfg.linear,
                 vb.pp("output_query.dense"),
             )?,
             output_query_layer_norm: layer_norm(
@@ -383,7 +383,7 @@ impl Blip2ForConditionalGeneration {
             language_projection: linear(
                 q.hidden_size,
                 config.text_config.hidden_size,
-                q.quantization,
+                &q.linear,
                 vb.pp("language_projection"),
             )?,
             language_model: OptForCausalLM::new(&config.text_config, vb.pp("language_model"))?,

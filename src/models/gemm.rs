@@ -27,6 +27,8 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 use rayon::prelude::*;
 
+use super::panels::{PanelRowType, Panels};
+
 /// Output columns per tile and per packed panel: two 16-lane registers.
 pub const NR: usize = 32;
 /// Rows per tile: 12 rows × 2 registers = 24 accumulators, leaving room for
@@ -86,67 +88,18 @@ struct PanelRow([f32; NR]);
 pub struct PackedMatrix {
     k: usize,
     n: usize,
-    rows: PanelRows,
+    rows: Panels<PanelRow>,
 }
 
-/// Where the panels live. A model's weights are packed into memory mapped
-/// for them alone, not taken from the heap: there, each packed copy and
-/// the loaded tensor it replaces interleave, and the freed tensors left
-/// holes the allocator kept (measured, BLIP-base: 46 MB more peak memory
-/// at load than the weights themselves). Small per-head packs use the heap.
-enum PanelRows {
-    Heap(Vec<PanelRow>),
-    Mapped { map: memmap2::MmapMut, len: usize },
-}
-
-impl PanelRows {
-    fn as_slice(&self) -> &[PanelRow] {
-        match self {
-            Self::Heap(rows) => rows,
-            // SAFETY: the map is page-aligned (PanelRow needs 64), holds
-            // `len` PanelRows' bytes, and any bit pattern is a valid f32.
-            Self::Mapped { map, len } => unsafe {
-                std::slice::from_raw_parts(map.as_ptr() as *const PanelRow, *len)
-            },
-        }
-    }
-
-    /// `len` zeroed rows, mapped (empty ones on the heap: nothing to map).
-    fn mapped(len: usize) -> Self {
-        let bytes = len * std::mem::size_of::<PanelRow>();
-        match (bytes > 0).then(|| memmap2::MmapMut::map_anon(bytes)) {
-            Some(Ok(map)) => {
-                // Huge pages where the kernel offers them: a model's weights
-                // are gigabytes, and faulting them in 4 KB at a time was most
-                // of OPT-2.7b's load. A hint only; refusal changes nothing.
-                #[cfg(target_os = "linux")]
-                let _ = map.advise(memmap2::Advice::HugePage);
-                Self::Mapped { map, len }
-            }
-            // No mapping to be had (or nothing to map): the heap will do.
-            _ => Self::Heap(vec![PanelRow([0.0; NR]); len]),
-        }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [PanelRow] {
-        match self {
-            Self::Heap(rows) => rows,
-            // SAFETY: as in `as_slice`, and `&mut self` makes it unique.
-            Self::Mapped { map, len } => unsafe {
-                std::slice::from_raw_parts_mut(map.as_mut_ptr() as *mut PanelRow, *len)
-            },
-        }
-    }
-}
+// SAFETY: sixteen f32s, 64 bytes: no padding, any bits a valid value.
+unsafe impl PanelRowType for PanelRow {}
 
 impl Clone for PackedMatrix {
     fn clone(&self) -> Self {
-        let mut rows = PanelRows::mapped(self.rows.as_slice().len());
-        rows.as_mut_slice().copy_from_slice(self.rows.as_slice());
         Self {
             k: self.k,
             n: self.n,
-            rows,
+            rows: self.rows.clone(),
         }
     }
 }
@@ -166,7 +119,7 @@ impl PackedMatrix {
             n == 0 || bt.len() >= (n - 1) * stride + k,
             "pack: `bᵀ` too short"
         );
-        let mut rows = PanelRows::mapped(n.div_ceil(NR) * k);
+        let mut rows = Panels::zeroed(n.div_ceil(NR) * k);
         rows.as_mut_slice()
             .par_chunks_mut(k.max(1))
             .enumerate()
@@ -193,7 +146,7 @@ impl PackedMatrix {
         Self {
             k,
             n,
-            rows: PanelRows::Heap(rows),
+            rows: Panels::Heap(rows),
         }
     }
 
@@ -216,7 +169,7 @@ impl PackedMatrix {
         Self {
             k,
             n,
-            rows: PanelRows::Heap(vec![PanelRow([0.0; NR]); n.div_ceil(NR) * k]),
+            rows: Panels::Heap(vec![PanelRow([0.0; NR]); n.div_ceil(NR) * k]),
         }
     }
 
@@ -239,6 +192,24 @@ impl PackedMatrix {
 
     fn panels(&self) -> usize {
         self.n.div_ceil(NR)
+    }
+
+    /// The packed rows' bytes, as the pack cache saves them.
+    pub(super) fn panel_bytes(&self) -> &[u8] {
+        self.rows.as_bytes()
+    }
+
+    /// A `[k, n]` matrix packed earlier, read in place from the pack cache's
+    /// mapping: `bytes` at `offset` (`None` unless they are whole panels).
+    pub(super) fn from_cache(
+        file: std::sync::Arc<memmap2::Mmap>,
+        offset: usize,
+        bytes: usize,
+        k: usize,
+        n: usize,
+    ) -> Option<Self> {
+        let rows = Panels::cached(file, offset, bytes, n.div_ceil(NR) * k)?;
+        Some(Self { k, n, rows })
     }
 }
 

@@ -19,6 +19,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::gemm::{for_each_block, lane_mask, linear_input, OutputPtr, MR};
+use super::panels::{PanelRowType, Panels};
 
 /// Output columns per panel: two 16-lane registers of f32 sums.
 const NR: usize = 32;
@@ -50,14 +51,15 @@ fn cpu_supported() -> bool {
 #[repr(C, align(64))]
 struct PairRow([bf16; 2 * NR]);
 
-const ZERO_ROW: PairRow = PairRow([bf16::ZERO; 2 * NR]);
+// SAFETY: thirty-two bf16s, 64 bytes: no padding, any bits a valid value.
+unsafe impl PanelRowType for PairRow {}
 
 /// The right-hand side `[k, n]` of a product, in panels of [`NR`] columns,
 /// each `k.div_ceil(2)` pair rows deep (an odd depth padded with zeros).
 pub struct PackedMatrixBf16 {
     k: usize,
     n: usize,
-    rows: Vec<PairRow>,
+    rows: Panels<PairRow>,
 }
 
 impl std::fmt::Debug for PackedMatrixBf16 {
@@ -71,8 +73,9 @@ impl PackedMatrixBf16 {
     pub fn from_transposed(bt: &[bf16], n: usize, k: usize) -> Self {
         assert!(bt.len() >= n * k, "pack: `bᵀ` too short");
         let pairs = k.div_ceil(2);
-        let mut rows = vec![ZERO_ROW; n.div_ceil(NR) * pairs];
-        rows.par_chunks_mut(pairs.max(1))
+        let mut rows = Panels::<PairRow>::zeroed(n.div_ceil(NR) * pairs);
+        rows.as_mut_slice()
+            .par_chunks_mut(pairs.max(1))
             .enumerate()
             .for_each(|(panel, panel_rows)| {
                 let first = panel * NR;
@@ -94,10 +97,28 @@ impl PackedMatrixBf16 {
         self.n
     }
 
+    /// The packed rows' bytes, as the pack cache saves them.
+    pub(super) fn panel_bytes(&self) -> &[u8] {
+        self.rows.as_bytes()
+    }
+
+    /// A `[k, n]` matrix packed earlier, read in place from the pack cache's
+    /// mapping: `bytes` at `offset` (`None` unless they are whole panels).
+    pub(super) fn from_cache(
+        file: std::sync::Arc<memmap2::Mmap>,
+        offset: usize,
+        bytes: usize,
+        k: usize,
+        n: usize,
+    ) -> Option<Self> {
+        let rows = Panels::cached(file, offset, bytes, n.div_ceil(NR) * k.div_ceil(2))?;
+        Some(Self { k, n, rows })
+    }
+
     /// Column `j` of `b` (a vocabulary entry of a tied output projection).
     pub fn copy_column(&self, j: usize, out: &mut [bf16]) {
         let pairs = self.k.div_ceil(2);
-        let panel = &self.rows[(j / NR) * pairs..][..pairs];
+        let panel = &self.rows.as_slice()[(j / NR) * pairs..][..pairs];
         for (depth, value) in out[..self.k].iter_mut().enumerate() {
             *value = panel[depth / 2].0[2 * (j % NR) + depth % 2];
         }
@@ -128,7 +149,7 @@ pub fn matmul(a: &[bf16], m: usize, b: &PackedMatrixBf16, bias: Option<&[f32]>, 
     let out = OutputPtr(c.as_mut_ptr());
     let run = |rows: std::ops::Range<usize>, panels: std::ops::Range<usize>| {
         for panel in panels {
-            let packed = &b.rows[panel * k.div_ceil(2)..][..k.div_ceil(2)];
+            let packed = &b.rows.as_slice()[panel * k.div_ceil(2)..][..k.div_ceil(2)];
             let columns = NR.min(n - panel * NR);
             let bias = bias.map(|bias| &bias[panel * NR..][..columns]);
             let mut row = rows.start;

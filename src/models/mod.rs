@@ -10,6 +10,8 @@ pub mod gemm;
 pub mod gemm_bf16;
 pub mod kernels;
 pub mod opt;
+pub mod pack_cache;
+mod panels;
 
 use std::borrow::Cow;
 
@@ -57,27 +59,86 @@ impl Module for Activation {
 pub fn linear(
     in_dim: usize,
     out_dim: usize,
-    format: Option<Quantization>,
+    options: &LinearOptions,
     vb: VarBuilder,
 ) -> Result<Linear> {
-    let weight = vb.get((out_dim, in_dim), "weight")?;
-    let bias = vb.get(out_dim, "bias")?;
-    Linear::with_format(weight, Some(bias), format)
+    options.layer(&vb, in_dim, out_dim, || {
+        Ok((
+            vb.get((out_dim, in_dim), "weight")?,
+            Some(vb.get(out_dim, "bias")?),
+        ))
+    })
 }
 
 /// `nn.Linear(bias=False)`.
 pub fn linear_no_bias(
     in_dim: usize,
     out_dim: usize,
-    format: Option<Quantization>,
+    options: &LinearOptions,
     vb: VarBuilder,
 ) -> Result<Linear> {
-    Linear::with_format(vb.get((out_dim, in_dim), "weight")?, None, format)
+    options.layer(&vb, in_dim, out_dim, || {
+        Ok((vb.get((out_dim, in_dim), "weight")?, None))
+    })
+}
+
+/// How linear layers hold their weights: quantized or not (`--quantize`),
+/// and the pack cache their packed form comes from and goes to. Not part
+/// of config.json: the model's configs carry it from
+/// [`crate::Captioner::load`] to every layer.
+#[derive(Debug, Clone, Default)]
+pub struct LinearOptions {
+    pub quantization: Option<Quantization>,
+    pub pack_cache: Option<std::sync::Arc<pack_cache::PackCache>>,
+}
+
+impl LinearOptions {
+    /// The layer whose weight is `<vb prefix>.weight`, `[out_dim, in_dim]`:
+    /// from the pack cache when it holds it, else built from `read`'s
+    /// weight and bias (see [`Linear::with_format`]) and offered to it.
+    pub fn layer(
+        &self,
+        vb: &VarBuilder,
+        in_dim: usize,
+        out_dim: usize,
+        read: impl FnOnce() -> Result<(Tensor, Option<Tensor>)>,
+    ) -> Result<Linear> {
+        let name = format!("{}.weight", vb.prefix());
+        self.layer_named(&name, vb.dtype(), in_dim, out_dim, read)
+    }
+
+    /// [`Self::layer`] for the weight called `name`, in a model of `dtype`.
+    pub fn layer_named(
+        &self,
+        name: &str,
+        dtype: DType,
+        in_dim: usize,
+        out_dim: usize,
+        read: impl FnOnce() -> Result<(Tensor, Option<Tensor>)>,
+    ) -> Result<Linear> {
+        if let Some(layer) = self
+            .pack_cache
+            .as_ref()
+            .and_then(|cache| cache.linear(name, out_dim, in_dim, dtype))
+        {
+            return Ok(layer);
+        }
+        let (weight, bias) = read()?;
+        let layer = Linear::with_format(weight, bias, self.quantization)?;
+        self.remember(name, &layer);
+        Ok(layer)
+    }
+
+    /// Offers a layer built without the cache to it, under `name`.
+    pub fn remember(&self, name: &str, layer: &Linear) {
+        if let Some(cache) = &self.pack_cache {
+            cache.remember(name, layer);
+        }
+    }
 }
 
 /// Linear-layer weights quantized at load time, in one of candle's GGUF
-/// block formats (`--quantize`). Not part of config.json: the model's
-/// configs carry it from [`crate::Captioner::load`] to every layer.
+/// block formats (`--quantize`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quantization {
     pub format: QuantFormat,
@@ -271,8 +332,46 @@ pub enum TokenEmbedding {
 }
 
 impl TokenEmbedding {
-    pub fn new(vocab: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
+    /// The table at `<vb prefix>.weight`, `[vocab, hidden]`; read out of the
+    /// packed output projection tied to it when the pack cache holds that
+    /// (the models save a tied head under its table's name).
+    pub fn new(
+        vocab: usize,
+        hidden: usize,
+        options: &LinearOptions,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let name = format!("{}.weight", vb.prefix());
+        match &options.pack_cache {
+            Some(cache) if cache.holds_packed(&name) => {
+                let head = cache.linear(&name, vocab, hidden, vb.dtype());
+                if let Some(table) = head.as_ref().and_then(Self::read_out_of) {
+                    return Ok(table);
+                }
+            }
+            _ => {}
+        }
         Ok(Self::Dense(candle_nn::embedding(vocab, hidden, vb)?))
+    }
+
+    /// The table, read out of `head`'s weight when that is packed.
+    fn read_out_of(head: &Linear) -> Option<Self> {
+        match &head.weight {
+            LinearWeight::Packed(packed) => Some(Self::Packed(packed.clone())),
+            LinearWeight::PackedBf16(packed) => Some(Self::PackedBf16(packed.clone())),
+            LinearWeight::Dense(_) | LinearWeight::Quantized(_) => None,
+        }
+    }
+
+    /// The output projection this table is read out of, if it is one (a
+    /// table from the pack cache); build it from [`Self::table`] otherwise.
+    pub fn tied_head(&self) -> Option<Linear> {
+        let weight = match self {
+            Self::Dense(_) => return None,
+            Self::Packed(packed) => LinearWeight::Packed(packed.clone()),
+            Self::PackedBf16(packed) => LinearWeight::PackedBf16(packed.clone()),
+        };
+        Some(Linear { weight, bias: None })
     }
 
     /// The table as a tensor, for building the projection tied to it.
@@ -286,11 +385,7 @@ impl TokenEmbedding {
     /// This table, read from now on out of `head`'s packed weight when the
     /// head (built from [`Self::table`]) is packed; unchanged otherwise.
     pub fn tied_to(self, head: &Linear) -> Self {
-        match &head.weight {
-            LinearWeight::Packed(packed) => Self::Packed(packed.clone()),
-            LinearWeight::PackedBf16(packed) => Self::PackedBf16(packed.clone()),
-            _ => self,
-        }
+        Self::read_out_of(head).unwrap_or(self)
     }
 
     pub fn device(&self) -> Device {

@@ -8,7 +8,6 @@
 //! `model.decoder.layers.3.self_attn.q_proj` is `model` → `decoder` →
 //! `layers[3]` → `self_attn.q_proj`.
 
-use anyhow::Context;
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
@@ -58,10 +57,10 @@ pub struct OptConfig {
     /// conversion script's choice, after LAVIS), so answers stop at a newline.
     #[serde(default = "defaults::eos_token_id")]
     pub eos_token_id: Option<TokenIds>,
-    /// How linear weights are held in memory (`--quantize`); not read from
-    /// config.json, set by the loader.
+    /// How linear weights are held in memory (`--quantize`, the pack
+    /// cache); not read from config.json, set by the loader.
     #[serde(skip)]
-    pub quantization: Option<super::Quantization>,
+    pub linear: super::LinearOptions,
 }
 
 /// A config field that holds one token id or a list of them.
@@ -140,9 +139,9 @@ fn opt_layer_norm(cfg: &OptConfig, vb: VarBuilder) -> Result<LayerNorm> {
 /// `nn.Linear(in, out, bias=enable_bias)`.
 fn opt_linear(cfg: &OptConfig, in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     if cfg.enable_bias {
-        super::linear(in_dim, out_dim, cfg.quantization, vb)
+        super::linear(in_dim, out_dim, &cfg.linear, vb)
     } else {
-        super::linear_no_bias(in_dim, out_dim, cfg.quantization, vb)
+        super::linear_no_bias(in_dim, out_dim, &cfg.linear, vb)
     }
 }
 
@@ -297,7 +296,8 @@ impl OptForCausalLM {
             );
         }
         let decoder = vb.pp("model.decoder");
-        let embed_tokens = TokenEmbedding::new(cfg.vocab_size, d, decoder.pp("embed_tokens"))?;
+        let embed_tokens =
+            TokenEmbedding::new(cfg.vocab_size, d, &cfg.linear, decoder.pp("embed_tokens"))?;
         let embed_positions = decoder.get(
             (cfg.max_position_embeddings + POSITION_OFFSET, d),
             "embed_positions.weight",
@@ -309,18 +309,29 @@ impl OptForCausalLM {
         // a moment (515 MB for OPT-2.7b), which costs peak memory only while
         // little else is loaded.
         let (embed_tokens, lm_head) = if cfg.tie_word_embeddings {
-            let table = embed_tokens
-                .table()
-                .context("token embeddings not loaded as a table")?
-                .clone();
-            let lm_head = Linear::with_format(table, None, cfg.quantization)?;
+            let lm_head = match embed_tokens.tied_head() {
+                // The table came out of the pack cache as the packed head.
+                Some(lm_head) => lm_head,
+                None => {
+                    let table_name = format!("{}.weight", decoder.pp("embed_tokens").prefix());
+                    let read = || {
+                        let table = embed_tokens.table().ok_or_else(|| {
+                            candle_core::Error::Msg("token embeddings not loaded as a table".into())
+                        })?;
+                        Ok((table.clone(), None))
+                    };
+                    cfg.linear
+                        .layer_named(&table_name, vb.dtype(), d, cfg.vocab_size, read)?
+                }
+            };
             // One copy of the table, shared with the (packed) head.
             (embed_tokens.tied_to(&lm_head), lm_head)
         } else {
-            let weight = vb.get((cfg.vocab_size, d), "lm_head.weight")?;
+            let lm_head = vb.pp("lm_head");
+            let read = || Ok((lm_head.get((cfg.vocab_size, d), "weight")?, None));
             (
                 embed_tokens,
-                Linear::with_format(weight, None, cfg.quantization)?,
+                cfg.linear.layer(&lm_head, d, cfg.vocab_size, read)?,
             )
         };
         let layers = (0..cfg.num_hidden_layers)

@@ -38,6 +38,7 @@ pub fn load_as(name: &str, dtype: Option<DType>) -> Captioner {
         device: Device::Cpu,
         dtype,
         quantization: None,
+        pack_cache: None,
     };
     Captioner::load(&files, &runtime).unwrap()
 }
