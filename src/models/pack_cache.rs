@@ -446,6 +446,21 @@ fn read_header(file: &mut File, len: u64) -> Result<Header> {
 fn write(path: &Path, identity: &str, layers: &[(String, Packed)]) -> Result<u64> {
     let dir = path.parent().context("the cache file has no folder")?;
     std::fs::create_dir_all(dir)?;
+    let mut needed = 0;
+    for (_, packed) in layers {
+        let parts = packed.parts()?;
+        let bias = parts.bias.map_or(0, |b| 4 * b.len() as u64);
+        needed += parts.weight.len() as u64 + bias + 2 * ALIGN;
+    }
+    if let Some((available, total)) = disk_space(dir) {
+        anyhow::ensure!(
+            leaves_room(needed, available, total),
+            "it needs {} MB and the disk has {} MB free; a cache may not take the last {} MB",
+            needed.div_ceil(1_000_000),
+            available / 1_000_000,
+            reserve(total) / 1_000_000
+        );
+    }
     let temp = tempfile::Builder::new().prefix(".pack-").tempfile_in(dir)?;
     let mut out = Counted::new(BufWriter::with_capacity(1 << 20, temp.as_file()));
     out.write_all(MAGIC)?;
@@ -490,6 +505,39 @@ fn write(path: &Path, identity: &str, layers: &[(String, Packed)]) -> Result<u64
     drop(out);
     temp.persist(path)?;
     Ok(bytes)
+}
+
+/// Whether writing `needed` bytes leaves the disk its reserve: a cache
+/// must never be what fills the disk a user's captions are written to.
+fn leaves_room(needed: u64, available: u64, total: u64) -> bool {
+    available
+        .checked_sub(needed)
+        .is_some_and(|left| left >= reserve(total))
+}
+
+/// What a cache file must leave free: 5% of the disk, at least 1 GiB.
+fn reserve(total: u64) -> u64 {
+    (total / 20).max(1 << 30)
+}
+
+/// Bytes available to us and the disk's size, for the file system holding `dir`.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn disk_space(dir: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs fills the zeroed struct we own from a NUL-terminated path.
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stats) } != 0 {
+        return None;
+    }
+    let block = stats.f_frsize as u64;
+    Some((stats.f_bavail as u64 * block, stats.f_blocks as u64 * block))
+}
+
+/// Elsewhere the write itself reports a full disk.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn disk_space(_dir: &Path) -> Option<(u64, u64)> {
+    None
 }
 
 /// A writer that knows how far it has written, for the header's offsets.
@@ -663,6 +711,19 @@ mod tests {
                 "{kind:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_cache_leaves_the_disk_its_reserve() {
+        const GB: u64 = 1 << 30;
+        // 5% of a large disk, 1 GiB of a small one.
+        assert!(leaves_room(GB, 7 * GB, 100 * GB));
+        assert!(!leaves_room(GB, 5 * GB, 100 * GB));
+        assert!(leaves_room(GB, 2 * GB + 1, 4 * GB));
+        assert!(!leaves_room(GB, 2 * GB - 1, 4 * GB));
+        assert!(!leaves_room(3 * GB, 2 * GB, 100 * GB));
+        let (available, total) = disk_space(Path::new(".")).unwrap_or((1, 1));
+        assert!(available <= total);
     }
 
     /// A file made under other settings is not used, and says why.
