@@ -446,6 +446,7 @@ fn read_header(file: &mut File, len: u64) -> Result<Header> {
 fn write(path: &Path, identity: &str, layers: &[(String, Packed)]) -> Result<u64> {
     let dir = path.parent().context("the cache file has no folder")?;
     std::fs::create_dir_all(dir)?;
+    remove_abandoned_temp_files(dir, ABANDONED_AFTER);
     let mut needed = 0;
     for (_, packed) in layers {
         let parts = packed.parts()?;
@@ -461,7 +462,9 @@ fn write(path: &Path, identity: &str, layers: &[(String, Packed)]) -> Result<u64
             reserve(total) / 1_000_000
         );
     }
-    let temp = tempfile::Builder::new().prefix(".pack-").tempfile_in(dir)?;
+    let temp = tempfile::Builder::new()
+        .prefix(TEMP_PREFIX)
+        .tempfile_in(dir)?;
     let mut out = Counted::new(BufWriter::with_capacity(1 << 20, temp.as_file()));
     out.write_all(MAGIC)?;
     out.write_all(&FORMAT.to_le_bytes())?;
@@ -505,6 +508,33 @@ fn write(path: &Path, identity: &str, layers: &[(String, Packed)]) -> Result<u64
     drop(out);
     temp.persist(path)?;
     Ok(bytes)
+}
+
+/// Temporary files are named `.pack-*`; one left unmodified this long is a
+/// write that will never finish (its process was killed, or the machine
+/// went down): a live writer modifies its file all along (BLIP-2's 15 GB
+/// took under a minute in all).
+const TEMP_PREFIX: &str = ".pack-";
+const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Deletes the temporary files in `dir` untouched for `age`: a killed
+/// writer's leftovers, as large as a model, would otherwise stay forever.
+fn remove_abandoned_temp_files(dir: &Path, age: std::time::Duration) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let abandoned = entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX)
+            && entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|modified| modified.elapsed().ok())
+                .is_some_and(|idle| idle >= age);
+        if abandoned {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Whether writing `needed` bytes leaves the disk its reserve: a cache
@@ -724,6 +754,29 @@ mod tests {
         assert!(!leaves_room(3 * GB, 2 * GB, 100 * GB));
         let (available, total) = disk_space(Path::new(".")).unwrap_or((1, 1));
         assert!(available <= total);
+    }
+
+    #[test]
+    fn only_abandoned_temporary_files_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join(".pack-killed");
+        let fresh = dir.path().join(".pack-writing");
+        let cache = dir.path().join("model-0123.pack");
+        for path in [&old, &fresh, &cache] {
+            std::fs::write(path, b"x").unwrap();
+        }
+        let two_hours_ago = std::time::SystemTime::now() - 2 * ABANDONED_AFTER;
+        for path in [&old, &cache] {
+            let file = std::fs::File::options().write(true).open(path).unwrap();
+            file.set_modified(two_hours_ago).unwrap();
+        }
+        remove_abandoned_temp_files(dir.path(), ABANDONED_AFTER);
+        assert!(!old.exists());
+        assert!(
+            fresh.exists(),
+            "a write in progress elsewhere is left alone"
+        );
+        assert!(cache.exists(), "cache files are not temporary files");
     }
 
     /// A file made under other settings is not used, and says why.
