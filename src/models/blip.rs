@@ -657,13 +657,13 @@ impl LmPredictionHead {
     }
 
     /// The output projection: its own weight where the checkpoint has one,
-    /// else the word-embedding table (`word_embeddings`, saved in the pack
-    /// cache under `table_name`).
+    /// else tied to the word-embedding table (`word_embeddings`, read from
+    /// `table_vb`).
     fn decoder(
         cfg: &TextConfig,
         vb: &VarBuilder,
         word_embeddings: &TokenEmbedding,
-        table_name: &str,
+        table_vb: &VarBuilder,
     ) -> anyhow::Result<Linear> {
         let d = cfg.hidden_size;
         // Checkpoints saved by transformers 5 drop tied tensors: the decoder weight
@@ -686,18 +686,7 @@ impl LmPredictionHead {
                 .linear
                 .layer(&vb.pp("decoder"), d, cfg.vocab_size, read)?);
         }
-        if let Some(decoder) = word_embeddings.tied_head() {
-            return Ok(decoder);
-        }
-        let read = || {
-            let table = word_embeddings.table().ok_or_else(|| {
-                candle_core::Error::Msg("word embeddings not loaded as a table".into())
-            })?;
-            Ok((table.clone(), Some(bias()?)))
-        };
-        Ok(cfg
-            .linear
-            .layer_named(table_name, vb.dtype(), d, cfg.vocab_size, read)?)
+        Ok(word_embeddings.tied_head(&cfg.linear, table_vb, || Ok(Some(bias()?)))?)
     }
 
     fn forward(&self, hidden: &Tensor) -> Result<Tensor> {
@@ -732,9 +721,12 @@ impl TextDecoder {
         // only while little else is loaded; the freed copy's memory goes to
         // the layers loaded next.
         let predictions = vb.pp("cls.predictions");
-        let table_name = format!("{}.weight", bert.pp("embeddings.word_embeddings").prefix());
-        let decoder =
-            LmPredictionHead::decoder(cfg, &predictions, &embeddings.word_embeddings, &table_name)?;
+        let decoder = LmPredictionHead::decoder(
+            cfg,
+            &predictions,
+            &embeddings.word_embeddings,
+            &bert.pp("embeddings.word_embeddings"),
+        )?;
         if !predictions.contains_tensor("decoder.weight") {
             // One copy of the table, shared with the (packed) head.
             embeddings.word_embeddings = embeddings.word_embeddings.tied_to(&decoder);

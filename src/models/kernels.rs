@@ -469,11 +469,17 @@ impl candle_core::CustomOp1 for GeluErf {
                 out.par_chunks_mut(ELEMENTWISE_CHUNK)
                     .zip(xs.par_chunks(ELEMENTWISE_CHUNK))
                     .for_each(|(out, xs)| {
-                        let wide: Vec<f32> = xs.iter().map(|x| x.to_f32()).collect();
-                        let mut result = vec![0.0f32; wide.len()];
-                        gelu_chunk(&wide, &mut result);
-                        for (o, r) in out.iter_mut().zip(&result) {
-                            *o = half::bf16::from_f32(*r);
+                        // Widened a stack buffer at a time: no allocation per chunk.
+                        let (mut wide, mut result) = ([0f32; 512], [0f32; 512]);
+                        for (out, xs) in out.chunks_mut(512).zip(xs.chunks(512)) {
+                            let (wide, result) = (&mut wide[..xs.len()], &mut result[..xs.len()]);
+                            for (w, x) in wide.iter_mut().zip(xs) {
+                                *w = x.to_f32();
+                            }
+                            gelu_chunk(wide, result);
+                            for (o, r) in out.iter_mut().zip(result.iter()) {
+                                *o = half::bf16::from_f32(*r);
+                            }
                         }
                     });
                 Ok((CpuStorage::BF16(out), layout.shape().clone()))

@@ -104,28 +104,16 @@ impl LinearOptions {
         read: impl FnOnce() -> Result<(Tensor, Option<Tensor>)>,
     ) -> Result<Linear> {
         let name = format!("{}.weight", vb.prefix());
-        self.layer_named(&name, vb.dtype(), in_dim, out_dim, read)
-    }
-
-    /// [`Self::layer`] for the weight called `name`, in a model of `dtype`.
-    pub fn layer_named(
-        &self,
-        name: &str,
-        dtype: DType,
-        in_dim: usize,
-        out_dim: usize,
-        read: impl FnOnce() -> Result<(Tensor, Option<Tensor>)>,
-    ) -> Result<Linear> {
         if let Some(layer) = self
             .pack_cache
             .as_ref()
-            .and_then(|cache| cache.linear(name, out_dim, in_dim, dtype))
+            .and_then(|cache| cache.linear(&name, out_dim, in_dim, vb.dtype()))
         {
             return Ok(layer);
         }
         let (weight, bias) = read()?;
         let layer = Linear::with_format(weight, bias, self.quantization)?;
-        self.remember(name, &layer);
+        self.remember(&name, &layer);
         Ok(layer)
     }
 
@@ -363,27 +351,31 @@ impl TokenEmbedding {
         }
     }
 
-    /// The output projection this table is read out of, if it is one (a
-    /// table from the pack cache); build it from [`Self::table`] otherwise.
-    pub fn tied_head(&self) -> Option<Linear> {
+    /// The output projection tied to this table (at `table_vb`), with the
+    /// bias `bias` gives: built from the table as [`LinearOptions::layer`]
+    /// builds layers, so the pack cache keeps it under the table's name; or,
+    /// for a table that came out of the cache, the packed head (bias
+    /// included) it is read out of.
+    pub fn tied_head(
+        &self,
+        options: &LinearOptions,
+        table_vb: &VarBuilder,
+        bias: impl FnOnce() -> Result<Option<Tensor>>,
+    ) -> Result<Linear> {
         let weight = match self {
-            Self::Dense(_) => return None,
+            Self::Dense(embedding) => {
+                let table = embedding.embeddings();
+                let (vocab, hidden) = table.dims2()?;
+                return options.layer(table_vb, hidden, vocab, || Ok((table.clone(), bias()?)));
+            }
             Self::Packed(packed) => LinearWeight::Packed(packed.clone()),
             Self::PackedBf16(packed) => LinearWeight::PackedBf16(packed.clone()),
         };
-        Some(Linear { weight, bias: None })
-    }
-
-    /// The table as a tensor, for building the projection tied to it.
-    pub fn table(&self) -> Option<&Tensor> {
-        match self {
-            Self::Dense(embedding) => Some(embedding.embeddings()),
-            Self::Packed(_) | Self::PackedBf16(_) => None,
-        }
+        Ok(Linear { weight, bias: None })
     }
 
     /// This table, read from now on out of `head`'s packed weight when the
-    /// head (built from [`Self::table`]) is packed; unchanged otherwise.
+    /// head (from [`Self::tied_head`]) is packed; unchanged otherwise.
     pub fn tied_to(self, head: &Linear) -> Self {
         Self::read_out_of(head).unwrap_or(self)
     }

@@ -309,21 +309,8 @@ impl OptForCausalLM {
         // a moment (515 MB for OPT-2.7b), which costs peak memory only while
         // little else is loaded.
         let (embed_tokens, lm_head) = if cfg.tie_word_embeddings {
-            let lm_head = match embed_tokens.tied_head() {
-                // The table came out of the pack cache as the packed head.
-                Some(lm_head) => lm_head,
-                None => {
-                    let table_name = format!("{}.weight", decoder.pp("embed_tokens").prefix());
-                    let read = || {
-                        let table = embed_tokens.table().ok_or_else(|| {
-                            candle_core::Error::Msg("token embeddings not loaded as a table".into())
-                        })?;
-                        Ok((table.clone(), None))
-                    };
-                    cfg.linear
-                        .layer_named(&table_name, vb.dtype(), d, cfg.vocab_size, read)?
-                }
-            };
+            let lm_head =
+                embed_tokens.tied_head(&cfg.linear, &decoder.pp("embed_tokens"), || Ok(None))?;
             // One copy of the table, shared with the (packed) head.
             (embed_tokens.tied_to(&lm_head), lm_head)
         } else {
