@@ -251,8 +251,10 @@ impl Captioner {
         &self.notes
     }
 
-    /// What the weight cache did at load: `None` without one (the runtime
-    /// asked for none, or nothing here is packed).
+    /// What the weight cache did at load. `None` where there was none (not
+    /// asked for, not on the CPU, a pickle checkpoint, or neither kernels
+    /// nor `--quantize` to save anything for) or saving it failed (a note
+    /// says why).
     pub fn weight_cache(&self) -> Option<&pack_cache::Outcome> {
         self.weight_cache.as_ref()
     }
