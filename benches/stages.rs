@@ -1,7 +1,7 @@
 //! Where a caption's time goes, stage by stage, on a model folder:
 //!
 //!     cargo bench --bench stages -- bench/models/blip-base [ROUNDS [ONLY]] \
-//!         [--dtype bf16] [--quantize q8_0|q4k]
+//!         [--dtype bf16] [--quantize q8_0|q4k] [--weight-cache DIR]
 //!
 //! Times (median of ROUNDS, default 5) image preprocessing, the vision
 //! encoder at batch 1 and 8, and generation of exactly 20 new tokens from
@@ -21,7 +21,7 @@ use clap::ValueEnum;
 
 fn main() -> anyhow::Result<()> {
     // Positional: MODEL_DIR [ROUNDS [ONLY]]; options: --dtype f32|bf16|f16,
-    // --quantize q8_0|q4k. (cargo bench adds its own --bench.)
+    // --quantize q8_0|q4k, --weight-cache DIR. (cargo bench adds its own --bench.)
     let mut args = std::env::args().skip(1);
     let mut positional = Vec::new();
     let mut runtime = RuntimeOptions::default();
@@ -39,13 +39,18 @@ fn main() -> anyhow::Result<()> {
                 let quantize = QuantizeArg::from_str(&value, true).map_err(anyhow::Error::msg)?;
                 runtime.quantization = Some(quantize.quantization());
             }
+            // Where the CLI keeps packed weights: the first run writes the
+            // cache, later runs time the layers as mapped from it.
+            "--weight-cache" => {
+                runtime.pack_cache = args.next().map(PathBuf::from);
+            }
             other if other.starts_with("--") => {}
             _ => positional.push(arg),
         }
     }
     let args = positional;
     let Some(model_dir) = args.first() else {
-        eprintln!("usage: cargo bench --bench stages -- MODEL_DIR [ROUNDS [ONLY]] [--dtype D] [--quantize Q]");
+        eprintln!("usage: cargo bench --bench stages -- MODEL_DIR [ROUNDS [ONLY]] [--dtype D] [--quantize Q] [--weight-cache DIR]");
         return Ok(());
     };
     let rounds: usize = args.get(1).map_or(Ok(5), |r| r.parse())?;

@@ -28,7 +28,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -337,8 +337,9 @@ impl CacheFile {
         }
         // SAFETY: cache files are only ever replaced by rename, never written
         // in place, so the mapped bytes do not change under us.
-        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
+        let map = unsafe { memmap2::MmapOptions::new().map(&file) }
             .with_context(|| format!("cannot map {}", path.display()))?;
+        populate_huge(&map);
         let entries = header
             .entries
             .into_iter()
@@ -415,6 +416,21 @@ impl CacheFile {
     }
 }
 
+/// Reads the whole mapping in now rather than page by page in the kernels,
+/// asking for huge pages first: pages the file's readahead brings in then
+/// come as 2 MiB folios (see [`HugePageChunks`] for those already cached).
+/// Both are requests; a kernel that refuses them leaves the pages to fault
+/// in on first use.
+fn populate_huge(map: &memmap2::Mmap) {
+    #[cfg(target_os = "linux")]
+    {
+        let _ = map.advise(memmap2::Advice::HugePage);
+        let _ = map.advise(memmap2::Advice::PopulateRead);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = map;
+}
+
 fn read_header(file: &mut File, len: u64) -> Result<Header> {
     anyhow::ensure!(len >= 12 + TRAILER, "too short");
     let mut start = [0u8; 12];
@@ -465,7 +481,7 @@ fn write(path: &Path, identity: &str, layers: &[(String, Packed)]) -> Result<u64
     let temp = tempfile::Builder::new()
         .prefix(TEMP_PREFIX)
         .tempfile_in(dir)?;
-    let mut out = Counted::new(BufWriter::with_capacity(1 << 20, temp.as_file()));
+    let mut out = Counted::new(HugePageChunks::new(temp.as_file()));
     out.write_all(MAGIC)?;
     out.write_all(&FORMAT.to_le_bytes())?;
     let mut entries = Vec::with_capacity(layers.len());
@@ -570,6 +586,46 @@ fn disk_space(_dir: &Path) -> Option<(u64, u64)> {
     None
 }
 
+/// A buffered writer that hands the file whole 2 MiB chunks at 2 MiB
+/// offsets. Linux's page cache then holds the file in 2 MiB folios, which a
+/// later run's mapping gets as huge pages: fewer TLB misses while the
+/// kernels stream the panels. Written through a 1 MiB buffer, none of
+/// BLIP-base's cache was mapped huge and its vision encoder ran 5% slower
+/// from the cache than from anonymous (huge-page) memory.
+struct HugePageChunks<W: Write> {
+    inner: W,
+    buffer: Vec<u8>,
+}
+
+const CHUNK: usize = 2 << 20;
+
+impl<W: Write> HugePageChunks<W> {
+    fn new(inner: W) -> Self {
+        Self {
+            inner,
+            buffer: Vec::with_capacity(CHUNK),
+        }
+    }
+}
+
+impl<W: Write> Write for HugePageChunks<W> {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let taken = bytes.len().min(CHUNK - self.buffer.len());
+        self.buffer.extend_from_slice(&bytes[..taken]);
+        if self.buffer.len() == CHUNK {
+            self.inner.write_all(&self.buffer)?;
+            self.buffer.clear();
+        }
+        Ok(taken)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.write_all(&self.buffer)?;
+        self.buffer.clear();
+        self.inner.flush()
+    }
+}
+
 /// A writer that knows how far it has written, for the header's offsets.
 struct Counted<W> {
     inner: W,
@@ -661,6 +717,38 @@ mod tests {
 
     use super::super::{gemm, gemm_bf16, QuantFormat, Quantization};
     use super::*;
+
+    /// Records the size of every write it is handed.
+    #[derive(Default)]
+    struct WriteSizes(Vec<usize>);
+
+    impl Write for WriteSizes {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.push(bytes.len());
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_file_gets_whole_2_mib_chunks_then_the_rest() {
+        let mut sizes = WriteSizes::default();
+        let mut out = Counted::new(HugePageChunks::new(&mut sizes));
+        // Odd sizes, an alignment gap and one write larger than a chunk.
+        out.write_all(b"CAPTPACK").unwrap();
+        out.aligned_block(&vec![7u8; 3 * CHUNK + 12345]).unwrap();
+        out.aligned_block(&[1u8; 100]).unwrap();
+        let total = out.written as usize;
+        out.inner.flush().unwrap();
+        drop(out);
+        let (last, whole) = sizes.0.split_last().unwrap();
+        assert!(whole.iter().all(|&n| n == CHUNK), "{whole:?}");
+        assert_eq!(whole.len() * CHUNK + last, total);
+        assert!(*last < CHUNK);
+    }
 
     /// A 40 x 512 layer with a bias, held as `kind` would hold it.
     fn layer(kind: Kind) -> (Linear, DType) {
