@@ -14,6 +14,7 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
+use super::on_pool;
 use crate::generate::{self, Decoder, GenerationConfig, Limits, DEFAULT_MAX_NEW_TOKENS};
 use crate::models::blip2::Blip2ForConditionalGeneration;
 use crate::models::opt::{OptCache, OptForCausalLM};
@@ -220,45 +221,47 @@ impl Conversation<'_> {
         stream: u64,
         generation: &GenerationConfig,
     ) -> Result<Reply> {
-        anyhow::ensure!(!question.trim().is_empty(), "the question is empty");
-        let room = self.model.max_text_positions();
-        let needed = |prompt: &str| -> Result<usize> {
-            let ids = prompt_ids(self.model, &self.captioner.codec, Some(prompt))?;
-            Ok(ids.len() + reply_budget(generation))
-        };
-        let template = &self.captioner.question_template;
-        let mut forgotten = 0;
-        let prompt = loop {
-            let prompt = conversation_prompt(template, &self.turns[forgotten..], question);
-            if needed(&prompt)? <= room {
-                break prompt;
-            }
-            anyhow::ensure!(
+        on_pool(|| {
+            anyhow::ensure!(!question.trim().is_empty(), "the question is empty");
+            let room = self.model.max_text_positions();
+            let needed = |prompt: &str| -> Result<usize> {
+                let ids = prompt_ids(self.model, &self.captioner.codec, Some(prompt))?;
+                Ok(ids.len() + reply_budget(generation))
+            };
+            let template = &self.captioner.question_template;
+            let mut forgotten = 0;
+            let prompt = loop {
+                let prompt = conversation_prompt(template, &self.turns[forgotten..], question);
+                if needed(&prompt)? <= room {
+                    break prompt;
+                }
+                anyhow::ensure!(
                 forgotten < self.turns.len(),
                 "the question is too long: with room for a {}-token reply it does not fit in the \
                  model's {room} text positions",
                 reply_budget(generation)
             );
-            forgotten += 1;
-        };
-        self.turns.drain(..forgotten);
-        let streams = [stream ^ self.asked.wrapping_mul(0x9E37_79B9_7F4A_7C15)];
-        self.asked += 1;
-        let answers = generate_continuations(
-            self.model,
-            &self.captioner.codec,
-            &self.queries,
-            Some(&prompt),
-            &streams,
-            generation,
-        )?
-        .pop()
-        .expect("one row of answers per image");
-        self.turns.push(Turn {
-            question: question.trim().to_string(),
-            answer: answers[0].text.clone(),
-        });
-        Ok(Reply { answers, forgotten })
+                forgotten += 1;
+            };
+            self.turns.drain(..forgotten);
+            let streams = [stream ^ self.asked.wrapping_mul(0x9E37_79B9_7F4A_7C15)];
+            self.asked += 1;
+            let answers = generate_continuations(
+                self.model,
+                &self.captioner.codec,
+                &self.queries,
+                Some(&prompt),
+                &streams,
+                generation,
+            )?
+            .pop()
+            .expect("one row of answers per image");
+            self.turns.push(Turn {
+                question: question.trim().to_string(),
+                answer: answers[0].text.clone(),
+            });
+            Ok(Reply { answers, forgotten })
+        })
     }
 
     /// The turns the next question's prompt will carry.
