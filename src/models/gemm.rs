@@ -27,7 +27,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 use rayon::prelude::*;
 
-use super::panels::{PanelRowType, Panels};
+use super::panels::{PanelFile, PanelRowType, Panels};
 
 /// Output columns per tile and per packed panel: two 16-lane registers.
 pub const NR: usize = 32;
@@ -115,11 +115,22 @@ impl PackedMatrix {
     /// (an `nn.Linear` weight `[out, in]`). Panels are packed in parallel:
     /// a weight matrix is megabytes.
     pub fn from_transposed(bt: &[f32], n: usize, k: usize, stride: usize) -> Self {
+        Self::from_transposed_in(bt, n, k, stride, None)
+    }
+
+    /// [`Self::from_transposed`], packed into `file` where it has room.
+    pub(crate) fn from_transposed_in(
+        bt: &[f32],
+        n: usize,
+        k: usize,
+        stride: usize,
+        file: Option<&std::sync::Arc<PanelFile>>,
+    ) -> Self {
         assert!(
             n == 0 || bt.len() >= (n - 1) * stride + k,
             "pack: `bᵀ` too short"
         );
-        let mut rows = Panels::zeroed(n.div_ceil(NR) * k);
+        let mut rows = Panels::zeroed_in(n.div_ceil(NR) * k, file);
         rows.as_mut_slice()
             .par_chunks_mut(k.max(1))
             .enumerate()
@@ -195,6 +206,11 @@ impl PackedMatrix {
     }
 
     /// The packed rows' bytes, as the pack cache saves them.
+    /// Where the panels lie in `file`, when they were packed into it.
+    pub(super) fn range_in(&self, file: &std::sync::Arc<PanelFile>) -> Option<[u64; 2]> {
+        self.rows.range_in(file)
+    }
+
     pub(super) fn panel_bytes(&self) -> &[u8] {
         self.rows.as_bytes()
     }

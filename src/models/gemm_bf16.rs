@@ -19,7 +19,7 @@ use half::bf16;
 use rayon::prelude::*;
 
 use super::gemm::{for_each_block, lane_mask, linear_input, OutputPtr, MR};
-use super::panels::{PanelRowType, Panels};
+use super::panels::{PanelFile, PanelRowType, Panels};
 
 /// Output columns per panel: two 16-lane registers of f32 sums.
 const NR: usize = 32;
@@ -71,9 +71,19 @@ impl std::fmt::Debug for PackedMatrixBf16 {
 impl PackedMatrixBf16 {
     /// From `bᵀ`, `n` rows of `k` values (an `nn.Linear` weight `[out, in]`).
     pub fn from_transposed(bt: &[bf16], n: usize, k: usize) -> Self {
+        Self::from_transposed_in(bt, n, k, None)
+    }
+
+    /// [`Self::from_transposed`], packed into `file` where it has room.
+    pub(crate) fn from_transposed_in(
+        bt: &[bf16],
+        n: usize,
+        k: usize,
+        file: Option<&std::sync::Arc<PanelFile>>,
+    ) -> Self {
         assert!(bt.len() >= n * k, "pack: `bᵀ` too short");
         let pairs = k.div_ceil(2);
-        let mut rows = Panels::<PairRow>::zeroed(n.div_ceil(NR) * pairs);
+        let mut rows = Panels::<PairRow>::zeroed_in(n.div_ceil(NR) * pairs, file);
         rows.as_mut_slice()
             .par_chunks_mut(pairs.max(1))
             .enumerate()
@@ -98,6 +108,11 @@ impl PackedMatrixBf16 {
     }
 
     /// The packed rows' bytes, as the pack cache saves them.
+    /// Where the panels lie in `file`, when they were packed into it.
+    pub(super) fn range_in(&self, file: &std::sync::Arc<PanelFile>) -> Option<[u64; 2]> {
+        self.rows.range_in(file)
+    }
+
     pub(super) fn panel_bytes(&self) -> &[u8] {
         self.rows.as_bytes()
     }

@@ -112,7 +112,11 @@ impl LinearOptions {
             return Ok(layer);
         }
         let (weight, bias) = read()?;
-        let layer = Linear::with_format(weight, bias, self.quantization)?;
+        let home = self
+            .pack_cache
+            .as_ref()
+            .and_then(|cache| cache.panel_file());
+        let layer = Linear::with_format_in(weight, bias, self.quantization, home)?;
         self.remember(&name, &layer);
         Ok(layer)
     }
@@ -198,9 +202,20 @@ impl Linear {
         bias: Option<Tensor>,
         format: Option<Quantization>,
     ) -> Result<Self> {
+        Self::with_format_in(weight, bias, format, None)
+    }
+
+    /// [`Self::with_format`], packing into `file` (the pack cache's file in
+    /// the making) where it has room.
+    pub(crate) fn with_format_in(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        format: Option<Quantization>,
+        file: Option<&std::sync::Arc<panels::PanelFile>>,
+    ) -> Result<Self> {
         let layer = Self::unpacked(weight, bias, format)?;
         match &layer.weight {
-            LinearWeight::Dense(weight) if packable(weight) => layer.packed(),
+            LinearWeight::Dense(weight) if packable(weight) => layer.packed(file),
             _ => Ok(layer),
         }
     }
@@ -233,7 +248,7 @@ impl Linear {
 
     /// Float32 weights packed for [`gemm`], bfloat16 ones for [`gemm_bf16`]
     /// (the caller checked the CPU runs them).
-    fn packed(self) -> Result<Self> {
+    fn packed(self, file: Option<&std::sync::Arc<panels::PanelFile>>) -> Result<Self> {
         let LinearWeight::Dense(weight) = &self.weight else {
             return Ok(self);
         };
@@ -247,14 +262,14 @@ impl Linear {
             DType::BF16 => {
                 LinearWeight::PackedBf16(std::sync::Arc::new(gemm_bf16::PackedLinearBf16 {
                     weight: with_values(weight, |values| {
-                        gemm_bf16::PackedMatrixBf16::from_transposed(values, n, k)
+                        gemm_bf16::PackedMatrixBf16::from_transposed_in(values, n, k, file)
                     })?,
                     bias,
                 }))
             }
             _ => LinearWeight::Packed(std::sync::Arc::new(gemm::PackedLinear {
                 weight: with_values(weight, |values| {
-                    gemm::PackedMatrix::from_transposed(values, n, k, k)
+                    gemm::PackedMatrix::from_transposed_in(values, n, k, k, file)
                 })?,
                 bias,
             })),

@@ -16,8 +16,11 @@
 //! one quantization setting, and says which source files (path, size,
 //! modification time), which config and which kernels it was packed from;
 //! a file that disagrees with the model being loaded, or is damaged, is
-//! ignored and written anew. Files are written whole to a temporary name
-//! and renamed into place, so a reader never sees half of one, and are
+//! ignored and written anew. The run that writes a file packs its layers
+//! straight into it (see `panels::PanelFile`): the file's pages are
+//! that run's panels, so saving costs no second copy of the weights. Files
+//! are completed under a temporary name and renamed into place, so a
+//! reader never sees half of one, and are
 //! never changed in place (a file changed under a mapping would change the
 //! weights of a running model).
 //!
@@ -28,7 +31,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -39,6 +42,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::gemm::{PackedLinear, PackedMatrix};
 use super::gemm_bf16::{PackedLinearBf16, PackedMatrixBf16};
+use super::panels::PanelFile;
 use super::{Linear, LinearWeight};
 
 const MAGIC: &[u8; 8] = b"CAPTPACK";
@@ -58,6 +62,16 @@ pub struct PackCache {
     /// Why an existing file could not be used.
     rejected: Option<String>,
     state: Mutex<State>,
+    /// The file being written, made when the first layer is packed without
+    /// the cache (`None` inside: it could not be made).
+    writing: std::sync::OnceLock<Option<Writing>>,
+}
+
+/// A cache file in the making: a temporary file beside the cache's path
+/// that layers are packed into, renamed there once whole.
+struct Writing {
+    file: Arc<PanelFile>,
+    temp: Mutex<Option<tempfile::TempPath>>,
 }
 
 struct CacheFile {
@@ -164,6 +178,7 @@ impl PackCache {
             file,
             rejected,
             state: Mutex::default(),
+            writing: std::sync::OnceLock::new(),
         })
     }
 
@@ -179,6 +194,22 @@ impl PackCache {
         let layer = packed.to_linear();
         self.state().layers.push((name.to_string(), packed));
         Some(layer)
+    }
+
+    /// Where layers packed now should go: the file being written, when
+    /// there was no usable cache file (after a partial hit, layers missing
+    /// from the file pack into memory and are copied at the end).
+    pub(crate) fn panel_file(&self) -> Option<&Arc<PanelFile>> {
+        if self.file.is_some() {
+            return None;
+        }
+        self.writing().map(|writing| &writing.file)
+    }
+
+    fn writing(&self) -> Option<&Writing> {
+        self.writing
+            .get_or_init(|| Writing::new(self.path.parent()?).ok())
+            .as_ref()
     }
 
     /// Whether the file holds layer `name` packed for our kernels (not
@@ -222,8 +253,12 @@ impl PackCache {
             (None, Some(reason)) if self.path.exists() => Some(reason.clone()),
             (None, _) => None,
         };
-        let bytes = write(&self.path, &self.identity, &state.layers)
-            .with_context(|| format!("writing the pack cache {}", self.path.display()))?;
+        let bytes = match self.writing() {
+            Some(writing) => write(&self.path, &self.identity, &state.layers, writing),
+            None => Writing::new(self.path.parent().context("the cache file has no folder")?)
+                .and_then(|writing| write(&self.path, &self.identity, &state.layers, &writing)),
+        }
+        .with_context(|| format!("writing the pack cache {}", self.path.display()))?;
         Ok(Outcome::Written {
             path: self.path.clone(),
             bytes,
@@ -239,6 +274,15 @@ impl PackCache {
 }
 
 impl Packed {
+    /// Where the panels lie in `file`, when they were packed into it.
+    fn range_in(&self, file: &Arc<PanelFile>) -> Option<[u64; 2]> {
+        match self {
+            Self::F32(p) => p.weight.range_in(file),
+            Self::Bf16(p) => p.weight.range_in(file),
+            Self::Quantized { .. } => None,
+        }
+    }
+
     fn to_linear(&self) -> Linear {
         match self {
             Self::F32(packed) => Linear {
@@ -457,33 +501,58 @@ fn read_header(file: &mut File, len: u64) -> Result<Header> {
     serde_json::from_slice(&header).context("its header is not valid")
 }
 
-/// Writes `layers` to a temporary file beside `path`, then renames it there;
+impl Writing {
+    /// A new temporary file in `dir`, its magic and format written.
+    fn new(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        remove_abandoned_temp_files(dir, ABANDONED_AFTER);
+        let (file, temp) = tempfile::Builder::new()
+            .prefix(TEMP_PREFIX)
+            .tempfile_in(dir)?
+            .into_parts();
+        let dir = dir.to_path_buf();
+        let room = move |bytes| {
+            disk_space(&dir).is_none_or(|(available, total)| leaves_room(bytes, available, total))
+        };
+        let file = PanelFile::new(file, Box::new(room));
+        file.append(MAGIC, false)?;
+        file.append(&FORMAT.to_le_bytes(), false)?;
+        Ok(Self {
+            file: Arc::new(file),
+            temp: Mutex::new(Some(temp)),
+        })
+    }
+}
+
+/// Completes `writing` with `layers` (those packed into it already stay
+/// where they are; the rest are appended), then renames it to `path`;
 /// returns the file's size.
-fn write(path: &Path, identity: &str, layers: &[(String, Packed)]) -> Result<u64> {
-    let dir = path.parent().context("the cache file has no folder")?;
-    std::fs::create_dir_all(dir)?;
-    remove_abandoned_temp_files(dir, ABANDONED_AFTER);
+fn write(
+    path: &Path,
+    identity: &str,
+    layers: &[(String, Packed)],
+    writing: &Writing,
+) -> Result<u64> {
+    let file = &writing.file;
     let mut needed = 0;
     for (_, packed) in layers {
         let parts = packed.parts()?;
         let bias = parts.bias.map_or(0, |b| 4 * b.len() as u64);
-        needed += parts.weight.len() as u64 + bias + 2 * ALIGN;
+        let weight = match packed.range_in(file) {
+            Some(_) => 0,
+            None => parts.weight.len() as u64,
+        };
+        needed += weight + bias + 2 * ALIGN;
     }
-    if let Some((available, total)) = disk_space(dir) {
+    if let Some((available, total)) = path.parent().and_then(disk_space) {
         anyhow::ensure!(
             leaves_room(needed, available, total),
-            "it needs {} MB and the disk has {} MB free; a cache may not take the last {} MB",
+            "it needs {} MB more and the disk has {} MB free; a cache may not take the last {} MB",
             needed.div_ceil(1_000_000),
             available / 1_000_000,
             reserve(total) / 1_000_000
         );
     }
-    let temp = tempfile::Builder::new()
-        .prefix(TEMP_PREFIX)
-        .tempfile_in(dir)?;
-    let mut out = Counted::new(HugePageChunks::new(temp.as_file()));
-    out.write_all(MAGIC)?;
-    out.write_all(&FORMAT.to_le_bytes())?;
     let mut entries = Vec::with_capacity(layers.len());
     for (name, packed) in layers {
         let Parts {
@@ -493,11 +562,14 @@ fn write(path: &Path, identity: &str, layers: &[(String, Packed)]) -> Result<u64
             weight,
             bias,
         } = packed.parts()?;
-        let panels = out.aligned_block(&weight)?;
+        let panels = match packed.range_in(file) {
+            Some(range) => range,
+            None => file.append(&weight, true)?,
+        };
         let bias = match bias {
             Some(bias) => {
                 let bytes: Vec<u8> = bias.iter().flat_map(|v| v.to_le_bytes()).collect();
-                Some(out.aligned_block(&bytes)?)
+                Some(file.append(&bytes, true)?)
             }
             None => None,
         };
@@ -514,16 +586,19 @@ fn write(path: &Path, identity: &str, layers: &[(String, Packed)]) -> Result<u64
         identity: identity.to_string(),
         entries,
     })?;
-    let offset = out.written;
-    out.write_all(&header)?;
-    out.write_all(&offset.to_le_bytes())?;
-    out.write_all(&(header.len() as u64).to_le_bytes())?;
-    out.write_all(MAGIC)?;
-    let bytes = out.written;
-    out.inner.flush()?;
-    drop(out);
+    let [offset, _] = file.append(&header, false)?;
+    file.append(&offset.to_le_bytes(), false)?;
+    file.append(&(header.len() as u64).to_le_bytes(), false)?;
+    file.append(MAGIC, false)?;
+    file.trim()?;
+    let temp = writing
+        .temp
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take()
+        .context("the cache file was already written")?;
     temp.persist(path)?;
-    Ok(bytes)
+    Ok(file.len())
 }
 
 /// Temporary files are named `.pack-*`; one left unmodified this long is a
@@ -584,72 +659,6 @@ fn disk_space(dir: &Path) -> Option<(u64, u64)> {
 #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
 fn disk_space(_dir: &Path) -> Option<(u64, u64)> {
     None
-}
-
-/// A buffered writer that hands the file whole 2 MiB chunks at 2 MiB
-/// offsets. Linux's page cache then holds the file in 2 MiB folios, which a
-/// later run's mapping gets as huge pages: fewer TLB misses while the
-/// kernels stream the panels. Written through a 1 MiB buffer, none of
-/// BLIP-base's cache was mapped huge and its vision encoder ran 5% slower
-/// from the cache than from anonymous (huge-page) memory.
-struct HugePageChunks<W: Write> {
-    inner: W,
-    buffer: Vec<u8>,
-}
-
-const CHUNK: usize = 2 << 20;
-
-impl<W: Write> HugePageChunks<W> {
-    fn new(inner: W) -> Self {
-        Self {
-            inner,
-            buffer: Vec::with_capacity(CHUNK),
-        }
-    }
-}
-
-impl<W: Write> Write for HugePageChunks<W> {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        let taken = bytes.len().min(CHUNK - self.buffer.len());
-        self.buffer.extend_from_slice(&bytes[..taken]);
-        if self.buffer.len() == CHUNK {
-            self.inner.write_all(&self.buffer)?;
-            self.buffer.clear();
-        }
-        Ok(taken)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.write_all(&self.buffer)?;
-        self.buffer.clear();
-        self.inner.flush()
-    }
-}
-
-/// A writer that knows how far it has written, for the header's offsets.
-struct Counted<W> {
-    inner: W,
-    written: u64,
-}
-
-impl<W: Write> Counted<W> {
-    fn new(inner: W) -> Self {
-        Self { inner, written: 0 }
-    }
-
-    fn write_all(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.inner.write_all(bytes)?;
-        self.written += bytes.len() as u64;
-        Ok(())
-    }
-
-    /// `bytes` at the next page boundary; their range in the file.
-    fn aligned_block(&mut self, bytes: &[u8]) -> std::io::Result<[u64; 2]> {
-        let start = self.written.next_multiple_of(ALIGN);
-        self.write_all(&vec![0u8; (start - self.written) as usize])?;
-        self.write_all(bytes)?;
-        Ok([start, self.written])
-    }
 }
 
 /// What a file must have been made from: the source files as they are on
@@ -715,40 +724,8 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 mod tests {
     use candle_core::Module;
 
-    use super::super::{gemm, gemm_bf16, QuantFormat, Quantization};
+    use super::super::{gemm, gemm_bf16, LinearOptions, QuantFormat, Quantization};
     use super::*;
-
-    /// Records the size of every write it is handed.
-    #[derive(Default)]
-    struct WriteSizes(Vec<usize>);
-
-    impl Write for WriteSizes {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.push(bytes.len());
-            Ok(bytes.len())
-        }
-
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    #[test]
-    fn the_file_gets_whole_2_mib_chunks_then_the_rest() {
-        let mut sizes = WriteSizes::default();
-        let mut out = Counted::new(HugePageChunks::new(&mut sizes));
-        // Odd sizes, an alignment gap and one write larger than a chunk.
-        out.write_all(b"CAPTPACK").unwrap();
-        out.aligned_block(&vec![7u8; 3 * CHUNK + 12345]).unwrap();
-        out.aligned_block(&[1u8; 100]).unwrap();
-        let total = out.written as usize;
-        out.inner.flush().unwrap();
-        drop(out);
-        let (last, whole) = sizes.0.split_last().unwrap();
-        assert!(whole.iter().all(|&n| n == CHUNK), "{whole:?}");
-        assert_eq!(whole.len() * CHUNK + last, total);
-        assert!(*last < CHUNK);
-    }
 
     /// A 40 x 512 layer with a bias, held as `kind` would hold it.
     fn layer(kind: Kind) -> (Linear, DType) {
@@ -784,6 +761,28 @@ mod tests {
         PackCache::open(dir, &source).unwrap()
     }
 
+    /// `original` and `loaded` give bit-identical outputs on random inputs
+    /// `k` wide.
+    fn assert_same_products(
+        original: &Linear,
+        loaded: &Linear,
+        k: usize,
+        dtype: DType,
+        what: &str,
+    ) {
+        let x = Tensor::randn(0f32, 1.0, (3, k), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let want = original.forward(&x).unwrap().to_dtype(DType::F32).unwrap();
+        let got = loaded.forward(&x).unwrap().to_dtype(DType::F32).unwrap();
+        assert_eq!(
+            want.to_vec2::<f32>().unwrap(),
+            got.to_vec2::<f32>().unwrap(),
+            "{what}"
+        );
+    }
+
     /// Every kind of layer comes back from the file computing bit for bit
     /// what it computed before it was saved.
     #[test]
@@ -817,17 +816,61 @@ mod tests {
             );
             // Another shape under the same name is not this layer.
             assert!(loading.linear("layer.weight", 512, 40, dtype).is_none());
-            let x = Tensor::randn(0f32, 1.0, (3, 512), &Device::Cpu)
-                .unwrap()
-                .to_dtype(dtype)
-                .unwrap();
-            let want = original.forward(&x).unwrap().to_dtype(DType::F32).unwrap();
-            let got = loaded.forward(&x).unwrap().to_dtype(DType::F32).unwrap();
-            assert_eq!(
-                want.to_vec2::<f32>().unwrap(),
-                got.to_vec2::<f32>().unwrap(),
-                "{kind:?}"
-            );
+            assert_same_products(&original, &loaded, 512, dtype, &format!("{kind:?}"));
+        }
+    }
+
+    /// On a miss, layers are packed straight into the file being written
+    /// (no copy at the end), which comes back whole and exact; a layer
+    /// past 2 MiB exercises the rounded-up reservation and the final trim.
+    #[test]
+    fn layers_packed_on_a_miss_live_in_the_file_being_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let weights = [dir.path().join("model.safetensors")];
+        std::fs::write(&weights[0], b"weights").unwrap();
+        for (dtype, runs) in [
+            (DType::F32, gemm::available()),
+            (DType::BF16, gemm_bf16::available()),
+        ] {
+            if !runs || !cfg!(all(target_os = "linux", target_env = "gnu")) {
+                continue;
+            }
+            let settings = format!("{dtype:?}");
+            let saving = Arc::new(cache(dir.path(), &weights, &settings));
+            let options = LinearOptions {
+                quantization: None,
+                pack_cache: Some(saving.clone()),
+            };
+            let vb = candle_nn::VarBuilder::zeros(dtype, &Device::Cpu);
+            let shapes = [("small", 40, 512), ("big", 1100, 768)];
+            let mut built = Vec::new();
+            for (name, n, k) in shapes {
+                let weight = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
+                let bias = Tensor::randn(0f32, 1.0, n, &Device::Cpu).unwrap();
+                let read = || Ok((weight.to_dtype(dtype)?, Some(bias.to_dtype(dtype)?)));
+                built.push(options.layer(&vb.pp(name), k, n, read).unwrap());
+            }
+            {
+                let file = saving.panel_file().expect("a file being written");
+                let state = saving.state();
+                assert_eq!(state.layers.len(), 2);
+                for (name, packed) in &state.layers {
+                    let [start, end] = packed.range_in(file).expect(name);
+                    assert!(start % ALIGN == 0 && start < end, "{name}");
+                }
+            }
+            let Outcome::Written { path, bytes, .. } = saving.finish().unwrap() else {
+                panic!("{dtype:?}: not written");
+            };
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), bytes);
+            let loading = cache(dir.path(), &weights, &settings);
+            for ((name, n, k), original) in shapes.into_iter().zip(&built) {
+                let loaded = loading
+                    .linear(&format!("{name}.weight"), n, k, dtype)
+                    .unwrap();
+                assert_same_products(original, &loaded, k, dtype, &format!("{dtype:?} {name}"));
+            }
+            assert_eq!(loading.finish().unwrap(), Outcome::Used(path));
         }
     }
 
