@@ -466,12 +466,7 @@ impl Captioner {
                         &question_streams(streams, j),
                         generation,
                     )?;
-                    for (image_answers, answers) in per_image.iter_mut().zip(answers) {
-                        image_answers.push(Answer {
-                            question: question.clone(),
-                            answers,
-                        });
-                    }
+                    push_answers(&mut per_image, question, answers);
                 }
                 return Ok(per_image);
             }
@@ -486,12 +481,7 @@ impl Captioner {
                     &question_streams(streams, j),
                     generation,
                 )?;
-                for (image_answers, answers) in per_image.iter_mut().zip(answers) {
-                    image_answers.push(Answer {
-                        question: question.clone(),
-                        answers,
-                    });
-                }
+                push_answers(&mut per_image, question, answers);
             }
             Ok(per_image)
         })
@@ -751,6 +741,16 @@ fn load_preprocess_config(path: &Path) -> Result<PreprocessConfig> {
     let section = json.get("image_processor").unwrap_or(&json);
     PreprocessConfig::from_json_str(&section.to_string())
         .with_context(|| format!("reading {}", path.display()))
+}
+
+/// Adds each image's answers to `question` to that image's list.
+fn push_answers(per_image: &mut [Vec<Answer>], question: &str, answers: Vec<Vec<Caption>>) {
+    for (image_answers, answers) in per_image.iter_mut().zip(answers) {
+        image_answers.push(Answer {
+            question: question.to_string(),
+            answers,
+        });
+    }
 }
 
 /// Runs `work` on a worker of rayon's pool (directly when already on one).

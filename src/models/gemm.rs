@@ -205,12 +205,12 @@ impl PackedMatrix {
         self.n.div_ceil(NR)
     }
 
-    /// The packed rows' bytes, as the pack cache saves them.
     /// Where the panels lie in `file`, when they were packed into it.
     pub(super) fn range_in(&self, file: &std::sync::Arc<PanelFile>) -> Option<[u64; 2]> {
         self.rows.range_in(file)
     }
 
+    /// The packed rows' bytes, as the pack cache saves them.
     pub(super) fn panel_bytes(&self) -> &[u8] {
         self.rows.as_bytes()
     }

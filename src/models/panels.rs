@@ -177,10 +177,11 @@ impl PanelFile {
         }
     }
 
-    /// The next free offset for `bytes`, aligned for them; the end moves past.
-    fn claim(&self, bytes: u64) -> u64 {
+    /// The next offset for `bytes` that is a multiple of `align`; the end
+    /// moves past them.
+    fn claim(&self, bytes: u64, align: u64) -> u64 {
         let mut end = self.end.lock().unwrap_or_else(|p| p.into_inner());
-        let offset = end.next_multiple_of(PAGE);
+        let offset = end.next_multiple_of(align);
         *end = offset + bytes;
         offset
     }
@@ -195,7 +196,7 @@ impl PanelFile {
         if !(self.room)(bytes as u64) {
             return None;
         }
-        let offset = self.claim(bytes as u64);
+        let offset = self.claim(bytes as u64, PAGE);
         // Reserved up to the next 2 MiB boundary: the page cache then fills
         // whole 2 MiB blocks as huge folios (it cannot reach past the end
         // of the file), which later runs map as huge pages. [`Self::trim`]
@@ -237,14 +238,7 @@ impl PanelFile {
     /// their range.
     pub(crate) fn append(&self, bytes: &[u8], aligned: bool) -> std::io::Result<[u64; 2]> {
         use std::io::{Seek, SeekFrom, Write};
-        let offset = if aligned {
-            self.claim(bytes.len() as u64)
-        } else {
-            let mut end = self.end.lock().unwrap_or_else(|p| p.into_inner());
-            let offset = *end;
-            *end += bytes.len() as u64;
-            offset
-        };
+        let offset = self.claim(bytes.len() as u64, if aligned { PAGE } else { 1 });
         let mut file = &self.file;
         file.seek(SeekFrom::Start(offset))?;
         file.write_all(bytes)?;
