@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use caption::models::gemm::{self, FusedSelfAttention, PackedMatrix};
-use caption::models::gemm_bf16::{self, PackedMatrixBf16};
+use caption::models::gemm_bf16::{self, Bf16Kernel, PackedMatrixBf16};
 use half::bf16;
 
 fn main() -> anyhow::Result<()> {
@@ -66,14 +66,21 @@ fn main() -> anyhow::Result<()> {
             let packed = PackedMatrixBf16::from_transposed(&w16.flatten_all()?.to_vec1()?, n, k);
             let xs: Vec<bf16> = x16.flatten_all()?.to_vec1()?;
             let mut out = vec![bf16::ZERO; m * n];
-            let ours = best_of(rounds, || {
-                gemm_bf16::matmul(&xs, m, &packed, None, &mut out);
-                Ok(())
-            })?;
+            // Both of our kernels, whichever this CPU would use.
+            let mut ours = |kernel| {
+                best_of(rounds, || {
+                    gemm_bf16::matmul_with(kernel, &xs, m, &packed, None, &mut out);
+                    Ok(())
+                })
+            };
+            let dot = ours(Bf16Kernel::DotProduct)?;
+            let widened = ours(Bf16Kernel::Widened)?;
             println!(
-                "  bf16 {m:>4}x{k:>4}x{n:>4}  candle {:>6.1}  ours {:>6.1} GFLOP/s",
+                "  bf16 {m:>4}x{k:>4}x{n:>4}  candle {:>6.1}  ours: dot {:>6.1}, widened {:>6.1} GFLOP/s (this CPU: {:?})",
                 flops / candle / 1e9,
-                flops / ours / 1e9,
+                flops / dot / 1e9,
+                flops / widened / 1e9,
+                gemm_bf16::kernel(),
             );
         }
     }
