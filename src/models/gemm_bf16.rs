@@ -1,4 +1,4 @@
-//! bfloat16 matrix products on AVX512-BF16 (`--dtype bf16`).
+//! bfloat16 matrix products on AVX-512 (`--dtype bf16`).
 //!
 //! candle multiplies bf16 matrices by widening them to f32 inside its GEMM,
 //! which made `--dtype bf16` about half as fast as float32 on our kernel.
@@ -22,7 +22,11 @@
 //! `a` is widened once per product) and adds the two products of a pair
 //! with two FMAs, odd depth first, as Intel defines `VDPBF16PS` (each step
 //! an exact product added with one rounding): the same sums, bit for bit,
-//! but for denormal inputs, which the instruction reads as zero.
+//! but for denormal inputs, which the instruction reads as zero. Its output
+//! is rounded to bf16 in software, as `VCVTNEPS2BF16` defines it (equal to
+//! the instruction on every tested bit pattern), so it needs no
+//! AVX512-BF16 at all: AVX-512 CPUs without it (Skylake-SP, Cascade Lake,
+//! Ice Lake) use it rather than candle's bf16 path.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 use half::bf16;
@@ -36,8 +40,10 @@ const NR: usize = 32;
 /// Bytes of `a` a row block may take, so it stays in L2 while panels pass.
 const BLOCK_BYTES: usize = 512 * 1024;
 
-/// Whether bf16 linear layers use this kernel: [`super::gemm::available`]
-/// (AVX-512F, not turned off) and the CPU has AVX512-BF16.
+/// Whether bf16 linear layers use these kernels: [`super::gemm::available`]
+/// (AVX-512F, not turned off) and the CPU has AVX-512BW and VL, as every
+/// AVX-512 server CPU does. [`Bf16Kernel::Widened`] needs nothing more, so
+/// CPUs without AVX512-BF16 (Skylake-SP, Cascade Lake, Ice Lake) use it.
 pub fn available() -> bool {
     super::gemm::available() && cpu_supported()
 }
@@ -45,9 +51,22 @@ pub fn available() -> bool {
 fn cpu_supported() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512bf16")
+        std::arch::is_x86_feature_detected!("avx512f")
             && std::arch::is_x86_feature_detected!("avx512bw")
             && std::arch::is_x86_feature_detected!("avx512vl")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the CPU has `VDPBF16PS` (AVX512-BF16), which
+/// [`Bf16Kernel::DotProduct`] needs.
+fn cpu_has_dot_product() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        cpu_supported() && std::arch::is_x86_feature_detected!("avx512bf16")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -67,15 +86,21 @@ pub enum Bf16Kernel {
 }
 
 /// The kernel bf16 products use on this CPU: [`Bf16Kernel::Widened`] on
-/// Intel's, [`Bf16Kernel::DotProduct`] elsewhere; `CAPTION_BF16_KERNEL=dot`
-/// or `=widened` chooses (for comparing the two on one machine).
+/// Intel's and on any without AVX512-BF16, [`Bf16Kernel::DotProduct`]
+/// elsewhere; `CAPTION_BF16_KERNEL=dot` or `=widened` chooses where both
+/// can run (for comparing the two on one machine).
 pub fn kernel() -> Bf16Kernel {
     static CHOICE: std::sync::OnceLock<Bf16Kernel> = std::sync::OnceLock::new();
-    *CHOICE.get_or_init(|| match std::env::var("CAPTION_BF16_KERNEL").as_deref() {
-        Ok("dot") => Bf16Kernel::DotProduct,
-        Ok("widened") => Bf16Kernel::Widened,
-        _ if cpu_is_intel() => Bf16Kernel::Widened,
-        _ => Bf16Kernel::DotProduct,
+    *CHOICE.get_or_init(|| {
+        if !cpu_has_dot_product() {
+            return Bf16Kernel::Widened;
+        }
+        match std::env::var("CAPTION_BF16_KERNEL").as_deref() {
+            Ok("dot") => Bf16Kernel::DotProduct,
+            Ok("widened") => Bf16Kernel::Widened,
+            _ if cpu_is_intel() => Bf16Kernel::Widened,
+            _ => Bf16Kernel::DotProduct,
+        }
     })
 }
 
@@ -194,12 +219,16 @@ impl PackedMatrixBf16 {
 /// `c` rows `n` long), over the thread pool, with this CPU's [`kernel`].
 ///
 /// # Panics
-/// If the slices are too short, or the CPU lacks AVX512-BF16.
+/// If the slices are too short, or the CPU lacks AVX-512BW/VL.
 pub fn matmul(a: &[bf16], m: usize, b: &PackedMatrixBf16, bias: Option<&[f32]>, c: &mut [bf16]) {
     matmul_with(kernel(), a, m, b, bias, c)
 }
 
 /// [`matmul`] with the kernel given.
+///
+/// # Panics
+/// As [`matmul`], and for [`Bf16Kernel::DotProduct`] on a CPU without
+/// AVX512-BF16.
 pub fn matmul_with(
     kernel: Bf16Kernel,
     a: &[bf16],
@@ -212,7 +241,11 @@ pub fn matmul_with(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(cpu_supported(), "bf16 matmul: the CPU has no AVX512-BF16");
+    assert!(cpu_supported(), "bf16 matmul: the CPU has no AVX-512BW/VL");
+    assert!(
+        kernel == Bf16Kernel::Widened || cpu_has_dot_product(),
+        "bf16 matmul: the CPU has no AVX512-BF16"
+    );
     assert!(
         a.len() >= m * k && c.len() >= m * n,
         "bf16 matmul: slices too short"
@@ -250,8 +283,9 @@ pub fn matmul_with(
                     columns,
                     bias,
                 };
-                // SAFETY: AVX512-BF16 was checked above; each task writes its
-                // own (rows, panels) rectangle of `c`, whose bounds were asserted.
+                // SAFETY: the kernel's CPU features were checked above; each
+                // task writes its own (rows, panels) rectangle of `c`, whose
+                // bounds were asserted.
                 unsafe { run_tile(height, &tile) };
                 row += height;
             }
@@ -342,11 +376,11 @@ unsafe fn dot_product_tile<const R: usize>(tile: &Tile, a: &[bf16]) {
             (*a.add(r * k + k - 1)).to_bits()
         ));
     }
-    store_tile(tile, &low, &high);
+    store_tile::<R, true>(tile, &low, &high);
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn widened_tile<const R: usize>(tile: &Tile, a: &[f32]) {
     use std::arch::x86_64::*;
     let k = tile.k;
@@ -385,13 +419,15 @@ unsafe fn widened_tile<const R: usize>(tile: &Tile, a: &[f32]) {
             high[r] = _mm512_fmadd_ps(x_even, high_even, high[r]);
         }
     }
-    store_tile(tile, &low, &high);
+    store_tile::<R, false>(tile, &low, &high);
 }
 
-/// A tile's sums plus the bias, rounded to bf16 once, into `c`.
+/// A tile's sums plus the bias, rounded to bf16 once, into `c`: by
+/// `VCVTNEPS2BF16` when `BY_INSTRUCTION` (the CPU must have AVX512-BF16),
+/// else by [`round_to_bf16`].
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn store_tile<const R: usize>(
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn store_tile<const R: usize, const BY_INSTRUCTION: bool>(
     tile: &Tile,
     low: &[std::arch::x86_64::__m512; R],
     high: &[std::arch::x86_64::__m512; R],
@@ -406,15 +442,51 @@ unsafe fn store_tile<const R: usize>(
         ),
         None => (_mm512_setzero_ps(), _mm512_setzero_ps()),
     };
+    let round = |sums: __m512| {
+        if BY_INSTRUCTION {
+            round_by_instruction(sums)
+        } else {
+            round_to_bf16(sums)
+        }
+    };
     for r in 0..R {
         let out = tile.c.add(r * tile.ldc) as *mut u16;
-        let v_low: __m256i =
-            std::mem::transmute(_mm512_cvtneps_pbh(_mm512_add_ps(low[r], bias_low)));
-        let v_high: __m256i =
-            std::mem::transmute(_mm512_cvtneps_pbh(_mm512_add_ps(high[r], bias_high)));
+        let v_low = round(_mm512_add_ps(low[r], bias_low));
+        let v_high = round(_mm512_add_ps(high[r], bias_high));
         _mm256_mask_storeu_epi16(out as *mut i16, mask_low as __mmask16, v_low);
         _mm256_mask_storeu_epi16(out.add(16) as *mut i16, mask_high as __mmask16, v_high);
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn round_by_instruction(sums: std::arch::x86_64::__m512) -> std::arch::x86_64::__m256i {
+    std::mem::transmute(std::arch::x86_64::_mm512_cvtneps_pbh(sums))
+}
+
+/// f32 → bf16 as Intel defines `VCVTNEPS2BF16`, without the instruction:
+/// to nearest, ties to even; NaNs made quiet; zeros and denormals to a zero
+/// of their sign. Bit for bit the instruction on Intel's CPUs (tested).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+pub(crate) unsafe fn round_to_bf16(sums: std::arch::x86_64::__m512) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    let bits = _mm512_castps_si512(sums);
+    let magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fff_ffff));
+    // Adding 0x7fff plus the kept part's lowest bit carries into the kept
+    // half exactly when the dropped half is over one half, or one half with
+    // the kept part odd; a carry out of the largest finite value gives
+    // infinity, as rounding should.
+    let lowest_kept = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
+    let bias = _mm512_add_epi32(lowest_kept, _mm512_set1_epi32(0x7fff));
+    let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, bias));
+    let nan = _mm512_cmpgt_epi32_mask(magnitude, _mm512_set1_epi32(0x7f80_0000));
+    let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x40));
+    let tiny = _mm512_cmplt_epi32_mask(magnitude, _mm512_set1_epi32(0x0080_0000));
+    let signed_zero = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x8000));
+    let result = _mm512_mask_blend_epi32(nan, rounded, quiet);
+    let result = _mm512_mask_blend_epi32(tiny, result, signed_zero);
+    _mm512_cvtepi32_epi16(result)
 }
 
 /// `nn.Linear` on packed bf16 weights, as a candle op on `x [rows, in]`
@@ -460,11 +532,20 @@ mod tests {
             .collect()
     }
 
+    /// The kernels this CPU can run.
+    fn kernels_here() -> Vec<Bf16Kernel> {
+        let mut kernels = vec![Bf16Kernel::Widened];
+        if cpu_has_dot_product() {
+            kernels.push(Bf16Kernel::DotProduct);
+        }
+        kernels
+    }
+
     /// Every edge: odd depths, partial panels, partial tiles, one row.
     #[test]
     fn matches_a_float64_product_rounded_once() {
         if !available() {
-            eprintln!("skipped: no AVX512-BF16 on this CPU");
+            eprintln!("skipped: no AVX-512BW/VL on this CPU");
             return;
         }
         for &(m, k, n) in &[
@@ -478,7 +559,7 @@ mod tests {
             let bt = random(n * k, 2);
             let bias: Vec<f32> = random(n, 3).iter().map(|v| v.to_f32()).collect();
             let packed = PackedMatrixBf16::from_transposed(&bt, n, k);
-            for kernel in [Bf16Kernel::DotProduct, Bf16Kernel::Widened] {
+            for kernel in kernels_here() {
                 let mut ours = vec![bf16::ZERO; m * n];
                 matmul_with(kernel, &a, m, &packed, Some(&bias), &mut ours);
                 for i in 0..m {
@@ -539,11 +620,11 @@ mod tests {
     #[test]
     fn widened_pairs_add_as_vdpbf16ps_on_intel() {
         if !available() {
-            eprintln!("skipped: no AVX512-BF16 on this CPU");
+            eprintln!("skipped: no AVX-512BW/VL on this CPU");
             return;
         }
         let mut kernels = vec![Bf16Kernel::Widened];
-        if cpu_is_intel() {
+        if cpu_is_intel() && cpu_has_dot_product() {
             kernels.push(Bf16Kernel::DotProduct);
         }
         // Random sums rarely show the order once rounded to bf16, so one
@@ -578,6 +659,86 @@ mod tests {
                     .zip(&expected)
                     .filter(|(x, y)| x.to_bits() != y.to_bits());
                 assert_eq!(differing.count(), 0, "{kernel:?} {m}x{k}x{n}");
+            }
+        }
+    }
+
+    /// f32 bit patterns that cover every class: all exponents, with
+    /// mantissas at and around each rounding boundary, plus a spread.
+    #[cfg(target_arch = "x86_64")]
+    fn awkward_floats() -> Vec<u32> {
+        let mut bits = Vec::new();
+        for sign in [0u32, 0x8000_0000] {
+            for exponent in 0..=255u32 {
+                for mantissa in [
+                    0, 1, 0x7fff, 0x8000, 0x8001, 0xffff, 0x1_0000, 0x1_7fff, 0x1_8000, 0x1_8001,
+                    0x40_0000, 0x7f_7fff, 0x7f_8000, 0x7f_ffff,
+                ] {
+                    bits.push(sign | exponent << 23 | mantissa);
+                }
+            }
+        }
+        let mut state = 12345u64;
+        for _ in 0..100_000 {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            bits.push((state >> 32) as u32);
+        }
+        bits
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn round_in_software(bits: &[u32]) -> Vec<u16> {
+        use std::arch::x86_64::*;
+        let mut out = Vec::with_capacity(bits.len());
+        for chunk in bits.chunks(16) {
+            let mut lanes = [0u32; 16];
+            lanes[..chunk.len()].copy_from_slice(chunk);
+            // SAFETY: the callers checked AVX-512F; 16 lanes in, 16 out.
+            let rounded: [u16; 16] = unsafe {
+                std::mem::transmute(round_to_bf16(_mm512_castsi512_ps(_mm512_loadu_si512(
+                    lanes.as_ptr().cast(),
+                ))))
+            };
+            out.extend_from_slice(&rounded[..chunk.len()]);
+        }
+        out
+    }
+
+    /// The software rounding is `half`'s (to nearest, ties to even, NaNs
+    /// quiet) for normal numbers, infinities and NaNs, flushes denormals
+    /// to a signed zero, and on Intel's CPUs with the instruction equals
+    /// `VCVTNEPS2BF16` on every pattern.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn software_rounding_is_vcvtneps2bf16() {
+        if !available() {
+            eprintln!("skipped: no AVX-512BW/VL on this CPU");
+            return;
+        }
+        let bits = awkward_floats();
+        let ours = round_in_software(&bits);
+        for (&b, &r) in bits.iter().zip(&ours) {
+            let expected = if b & 0x7f80_0000 == 0 {
+                ((b >> 16) & 0x8000) as u16
+            } else {
+                bf16::from_f32(f32::from_bits(b)).to_bits()
+            };
+            assert_eq!(r, expected, "{b:#010x}");
+        }
+        if cpu_is_intel() && cpu_has_dot_product() {
+            for (chunk, ours) in bits.chunks(16).zip(ours.chunks(16)) {
+                let mut lanes = [0u32; 16];
+                lanes[..chunk.len()].copy_from_slice(chunk);
+                // SAFETY: AVX512-BF16 was checked just above.
+                let hardware: [u16; 16] = unsafe {
+                    use std::arch::x86_64::*;
+                    std::mem::transmute(round_by_instruction(_mm512_castsi512_ps(
+                        _mm512_loadu_si512(lanes.as_ptr().cast()),
+                    )))
+                };
+                assert_eq!(&hardware[..chunk.len()], ours, "{chunk:x?}");
             }
         }
     }

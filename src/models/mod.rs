@@ -178,7 +178,7 @@ enum LinearWeight {
     /// Float32 weights packed for [`gemm`]'s AVX-512 kernel (the bias
     /// travels inside), on CPUs that have it.
     Packed(std::sync::Arc<gemm::PackedLinear>),
-    /// bfloat16 weights packed for [`gemm_bf16`]'s AVX512-BF16 kernel.
+    /// bfloat16 weights packed for [`gemm_bf16`]'s kernels.
     PackedBf16(std::sync::Arc<gemm_bf16::PackedLinearBf16>),
     /// Activations are f32 on the way in (candle's quantized kernels read
     /// f32) and converted back to the model's dtype on the way out.
