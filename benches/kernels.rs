@@ -7,9 +7,12 @@
 
 use std::time::Instant;
 
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::Module;
 use candle_core::{DType, Device, Tensor};
 use caption::models::gemm::{self, FusedSelfAttention, PackedMatrix};
 use caption::models::gemm_bf16::{self, Bf16Kernel, PackedMatrixBf16};
+use caption::models::gemm_q8::{self, PackedMatrixQ8};
 use half::bf16;
 
 fn main() -> anyhow::Result<()> {
@@ -81,6 +84,29 @@ fn main() -> anyhow::Result<()> {
                 flops / dot / 1e9,
                 flops / widened / 1e9,
                 gemm_bf16::kernel(),
+            );
+        }
+        if gemm_q8::available() {
+            let blocks = QTensor::quantize(&w, GgmlDType::Q8_0)?;
+            let qmatmul = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?;
+            let candle = best_of(rounds, || {
+                qmatmul.forward(&x)?;
+                Ok(())
+            })?;
+            let packed = PackedMatrixQ8::from_ggml(&blocks.data()?, n, k);
+            let ours = best_of(rounds, || {
+                gemm_q8::matmul(&xs, m, k, &packed, None, &mut out, n, true);
+                Ok(())
+            })?;
+            let serial = best_of(rounds, || {
+                gemm_q8::matmul(&xs, m, k, &packed, None, &mut out, n, false);
+                Ok(())
+            })?;
+            println!(
+                "  q8_0 {m:>4}x{k:>4}x{n:>4}  candle {:>6.1}  ours {:>6.1} GOP/s (serial {:>6.1})",
+                flops / candle / 1e9,
+                flops / ours / 1e9,
+                flops / serial / 1e9,
             );
         }
     }

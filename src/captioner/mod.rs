@@ -17,7 +17,7 @@ use crate::models::blip::{
 };
 use crate::models::blip2::{Blip2Config, Blip2ForConditionalGeneration};
 use crate::models::pack_cache::{self, PackCache};
-use crate::models::{gemm, gemm_bf16, LinearOptions};
+use crate::models::{gemm, gemm_bf16, gemm_q8, LinearOptions};
 pub use crate::models::{QuantFormat, Quantization};
 use crate::registry::Family;
 use crate::tokenizer::TextCodec;
@@ -691,10 +691,18 @@ fn open_pack_cache(
     if !runtime.device.is_cpu() || nothing_to_save {
         return Ok(None);
     }
-    let settings = format!(
+    let mut settings = format!(
         "dtype {dtype:?}, quantization {:?}, kernels f32 {} bf16 {}",
         runtime.quantization, kernels.0, kernels.1
     );
+    // q8_0 layers are saved as our kernel's panels where it runs, as
+    // candle's blocks elsewhere (only q8_0 caches are told apart by this).
+    if runtime
+        .quantization
+        .is_some_and(|q| q.format == QuantFormat::Q8_0)
+    {
+        settings.push_str(&format!(" q8_0 {}", gemm_q8::available()));
+    }
     let label = match &files.source {
         ModelSource::Hub(model) => model.repo.clone(),
         ModelSource::Folder(dir) => std::fs::canonicalize(dir)

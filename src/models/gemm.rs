@@ -524,24 +524,38 @@ impl CustomOp1 for PackedLinear {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("packed linear: f32 only");
-        };
         let (k, n) = (self.weight.k, self.weight.n);
-        let (xs, rows) = linear_input(data, layout, k)?;
-        let mut out = vec![0.0f32; rows * n];
-        matmul(
-            xs,
-            rows,
-            k,
-            &self.weight,
-            self.bias.as_deref(),
-            &mut out,
-            n,
-            true,
-        );
-        Ok((CpuStorage::F32(out), Shape::from((rows, n))))
+        linear_forward(storage, layout, k, n, |xs, rows, out| {
+            matmul(
+                xs,
+                rows,
+                k,
+                &self.weight,
+                self.bias.as_deref(),
+                out,
+                n,
+                true,
+            )
+        })
     }
+}
+
+/// A float32 linear layer's candle op: `product(x, rows, out)` writes
+/// `x [rows, k]` times the weights into `out [rows, n]`.
+pub(super) fn linear_forward(
+    storage: &CpuStorage,
+    layout: &Layout,
+    k: usize,
+    n: usize,
+    product: impl FnOnce(&[f32], usize, &mut [f32]),
+) -> Result<(CpuStorage, Shape)> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("packed linear: f32 input only");
+    };
+    let (xs, rows) = linear_input(data, layout, k)?;
+    let mut out = vec![0.0f32; rows * n];
+    product(xs, rows, &mut out);
+    Ok((CpuStorage::F32(out), Shape::from((rows, n))))
 }
 
 /// A linear layer's input `[rows, k]`: its contiguous values and `rows`.
@@ -622,11 +636,12 @@ impl CustomOp1 for FusedSelfAttention {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
 
-    fn random(len: usize, seed: u64) -> Vec<f32> {
+    /// `len` values in [-1, 1), the same for the same seed.
+    pub(in crate::models) fn random(len: usize, seed: u64) -> Vec<f32> {
         // A small LCG: reproducible, and no dependency for test data.
         let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
         (0..len)
@@ -641,7 +656,7 @@ mod tests {
 
     /// Largest difference from candle's matmul, relative to the largest
     /// magnitude of its output.
-    fn relative_difference(ours: &[f32], reference: &[f32]) -> f32 {
+    pub(in crate::models) fn relative_difference(ours: &[f32], reference: &[f32]) -> f32 {
         let scale = reference.iter().fold(0.0f32, |m, x| m.max(x.abs()));
         let worst = ours
             .iter()

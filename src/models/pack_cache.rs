@@ -42,6 +42,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::gemm::{PackedLinear, PackedMatrix};
 use super::gemm_bf16::{PackedLinearBf16, PackedMatrixBf16};
+use super::gemm_q8::{PackedLinearQ8, PackedMatrixQ8};
 use super::panels::PanelFile;
 use super::{Linear, LinearWeight};
 
@@ -91,6 +92,7 @@ struct State {
 enum Packed {
     F32(Arc<PackedLinear>),
     Bf16(Arc<PackedLinearBf16>),
+    Q8(Arc<PackedLinearQ8>),
     /// `--quantize`: candle's blocks (copied out of the file: candle's
     /// quantized tensors own their storage), the bias beside them.
     Quantized {
@@ -122,8 +124,12 @@ struct Entry {
 enum Kind {
     F32,
     Bf16,
+    /// candle's q8_0 blocks, where [`gemm_q8`](super::gemm_q8) does not run.
     Q8_0,
     Q4K,
+    /// q8_0 packed for [`gemm_q8`](super::gemm_q8)'s kernel.
+    #[serde(rename = "q8_0-panels")]
+    Q8_0Panels,
 }
 
 /// What [`PackCache::finish`] did.
@@ -227,6 +233,7 @@ impl PackCache {
         let packed = match &layer.weight {
             LinearWeight::Packed(packed) => Packed::F32(packed.clone()),
             LinearWeight::PackedBf16(packed) => Packed::Bf16(packed.clone()),
+            LinearWeight::PackedQ8(packed) => Packed::Q8(packed.clone()),
             LinearWeight::Quantized(QMatMul::QTensor(weight)) => Packed::Quantized {
                 weight: weight.clone(),
                 bias: layer.bias.clone(),
@@ -279,6 +286,7 @@ impl Packed {
         match self {
             Self::F32(p) => p.weight.range_in(file),
             Self::Bf16(p) => p.weight.range_in(file),
+            Self::Q8(p) => p.weight.range_in(file),
             Self::Quantized { .. } => None,
         }
     }
@@ -291,6 +299,10 @@ impl Packed {
             },
             Self::Bf16(packed) => Linear {
                 weight: LinearWeight::PackedBf16(packed.clone()),
+                bias: None,
+            },
+            Self::Q8(packed) => Linear {
+                weight: LinearWeight::PackedQ8(packed.clone()),
                 bias: None,
             },
             Self::Quantized { weight, bias } => Linear {
@@ -312,6 +324,13 @@ impl Packed {
             },
             Self::Bf16(p) => Parts {
                 kind: Kind::Bf16,
+                n: p.weight.n(),
+                k: p.weight.k(),
+                weight: Cow::Borrowed(p.weight.panel_bytes()),
+                bias: p.bias.clone(),
+            },
+            Self::Q8(p) => Parts {
+                kind: Kind::Q8_0Panels,
                 n: p.weight.n(),
                 k: p.weight.k(),
                 weight: Cow::Borrowed(p.weight.panel_bytes()),
@@ -415,6 +434,10 @@ impl CacheFile {
             })),
             Kind::Bf16 => Packed::Bf16(Arc::new(PackedLinearBf16 {
                 weight: PackedMatrixBf16::from_cache(map, offset, bytes, entry.k, entry.n)?,
+                bias,
+            })),
+            Kind::Q8_0Panels => Packed::Q8(Arc::new(PackedLinearQ8 {
+                weight: PackedMatrixQ8::from_cache(map, offset, bytes, entry.k, entry.n)?,
                 bias,
             })),
             Kind::Q8_0 | Kind::Q4K => {
@@ -724,7 +747,7 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 mod tests {
     use candle_core::Module;
 
-    use super::super::{gemm, gemm_bf16, LinearOptions, QuantFormat, Quantization};
+    use super::super::{gemm, gemm_bf16, gemm_q8, LinearOptions, QuantFormat, Quantization};
     use super::*;
 
     /// A 40 x 512 layer with a bias, held as `kind` would hold it.
@@ -740,15 +763,17 @@ mod tests {
         let (dtype, format) = match kind {
             Kind::F32 => (DType::F32, None),
             Kind::Bf16 => (DType::BF16, None),
-            Kind::Q8_0 => (DType::F32, quantized(QuantFormat::Q8_0)),
+            Kind::Q8_0 | Kind::Q8_0Panels => (DType::F32, quantized(QuantFormat::Q8_0)),
             Kind::Q4K => (DType::F32, quantized(QuantFormat::Q4K)),
         };
         let weight = weight.to_dtype(dtype).unwrap();
         let bias = bias.to_dtype(dtype).unwrap();
-        (
-            Linear::with_format(weight, Some(bias), format).unwrap(),
-            dtype,
-        )
+        let layer = match kind {
+            // candle's blocks, as a CPU without our q8_0 kernel holds them.
+            Kind::Q8_0 => Linear::unpacked(weight, Some(bias), format),
+            _ => Linear::with_format(weight, Some(bias), format),
+        };
+        (layer.unwrap(), dtype)
     }
 
     fn cache(dir: &Path, weights: &[PathBuf], settings: &str) -> PackCache {
@@ -790,10 +815,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let weights = [dir.path().join("model.safetensors")];
         std::fs::write(&weights[0], b"weights").unwrap();
-        for kind in [Kind::F32, Kind::Bf16, Kind::Q8_0, Kind::Q4K] {
+        let kinds = [
+            Kind::F32,
+            Kind::Bf16,
+            Kind::Q8_0,
+            Kind::Q4K,
+            Kind::Q8_0Panels,
+        ];
+        for kind in kinds {
             let runs = match kind {
                 Kind::F32 => gemm::available(),
                 Kind::Bf16 => gemm_bf16::available(),
+                Kind::Q8_0Panels => gemm_q8::available(),
                 Kind::Q8_0 | Kind::Q4K => true,
             };
             if !runs {
@@ -817,6 +850,11 @@ mod tests {
             // Another shape under the same name is not this layer.
             assert!(loading.linear("layer.weight", 512, 40, dtype).is_none());
             assert_same_products(&original, &loaded, 512, dtype, &format!("{kind:?}"));
+            assert_eq!(
+                matches!(loaded.weight, LinearWeight::PackedQ8(_)),
+                kind == Kind::Q8_0Panels,
+                "{kind:?}"
+            );
         }
     }
 
@@ -828,17 +866,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let weights = [dir.path().join("model.safetensors")];
         std::fs::write(&weights[0], b"weights").unwrap();
-        for (dtype, runs) in [
-            (DType::F32, gemm::available()),
-            (DType::BF16, gemm_bf16::available()),
+        let q8_0 = Some(Quantization {
+            format: QuantFormat::Q8_0,
+            only_fast_widths: true,
+        });
+        for (dtype, quantization, runs) in [
+            (DType::F32, None, gemm::available()),
+            (DType::BF16, None, gemm_bf16::available()),
+            (DType::F32, q8_0, gemm_q8::available()),
         ] {
             if !runs || !cfg!(all(target_os = "linux", target_env = "gnu")) {
                 continue;
             }
-            let settings = format!("{dtype:?}");
+            let settings = format!("{dtype:?} {quantization:?}");
             let saving = Arc::new(cache(dir.path(), &weights, &settings));
             let options = LinearOptions {
-                quantization: None,
+                quantization,
                 pack_cache: Some(saving.clone()),
             };
             let vb = candle_nn::VarBuilder::zeros(dtype, &Device::Cpu);
