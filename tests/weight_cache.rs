@@ -110,9 +110,10 @@ fn bf16_from_the_cache_gives_the_same_outputs_as_packed_afresh() {
     assert_eq!(outcomes(&runtime), afresh);
 }
 
-/// `--quantize` layers are saved as candle's blocks: loading them skips
-/// the quantizing (the k-quants search is seconds for BLIP-base) and
-/// computes exactly what quantizing afresh does.
+/// `--quantize` layers are saved (q8_0 as our kernel's panels where it
+/// runs, candle's blocks elsewhere): loading them skips the quantizing
+/// (the k-quants search is seconds for BLIP-base) and computes exactly
+/// what quantizing afresh does.
 #[test]
 fn quantized_layers_from_the_cache_give_the_same_outputs() {
     let quantization = Some(Quantization {

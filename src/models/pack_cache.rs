@@ -8,8 +8,10 @@
 //! (perf, Zen 4). A cache file's pages are already in the page cache, so
 //! mapping it costs page-table entries only: BLIP-base loads in 0.1 s
 //! instead of 0.5-0.7 s, and processes running at once share one copy.
-//! Quantized blocks are copied out of the file (candle's quantized tensors
-//! own their storage), which still saves the quantizing: 2.4 s of k-quants
+//! q8_0 layers packed for our VNNI kernel are mapped in place like the
+//! rest; candle's quantized blocks (q4_K, and q8_0 where our kernel does
+//! not run) are copied out of the file (candle's quantized tensors own
+//! their storage), which still saves the quantizing: 2.4 s of k-quants
 //! search for BLIP-base at q4_K.
 //!
 //! A file holds every packed layer of one model, loaded at one dtype with
@@ -47,7 +49,7 @@ use super::panels::PanelFile;
 use super::{Linear, LinearWeight};
 
 const MAGIC: &[u8; 8] = b"CAPTPACK";
-/// Bumped whenever either kernel's panel layout, or this file's, changes.
+/// Bumped whenever a kernel's panel layout, or this file's, changes.
 const FORMAT: u32 = 1;
 /// Where each matrix starts: a page, so the mapping's rows are aligned.
 const ALIGN: u64 = 4096;
