@@ -132,6 +132,19 @@ fn main() -> anyhow::Result<()> {
         })?;
         Ok(())
     })?;
+    let mut scores: Vec<f32> = Tensor::randn(0f32, 1.0, (tokens, tokens), &device)?
+        .flatten_all()?
+        .to_vec1()?;
+    let softmax = best_of(rounds, || {
+        for row in scores.chunks_mut(tokens) {
+            caption::models::kernels::scaled_softmax_in_place(row, 0.125);
+        }
+        Ok(())
+    })?;
+    println!(
+        "softmax 577 rows x 577: {:.2} ns/element",
+        softmax * 1e9 / (tokens * tokens) as f64
+    );
     println!(
         "attention 12 heads x 577 tokens  general {:>6.1}  fused {:>6.1} GFLOP/s",
         flops / general / 1e9,
