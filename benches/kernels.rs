@@ -87,13 +87,14 @@ fn main() -> anyhow::Result<()> {
             );
         }
         if gemm_q8::available() {
+            // Both kernels on the same blocks, quantized once.
             let blocks = QTensor::quantize(&w, GgmlDType::Q8_0)?;
-            let qmatmul = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?;
+            let packed = PackedMatrixQ8::from_ggml(&blocks.data()?, n, k);
+            let qmatmul = QMatMul::from_qtensor(blocks)?;
             let candle = best_of(rounds, || {
                 qmatmul.forward(&x)?;
                 Ok(())
             })?;
-            let packed = PackedMatrixQ8::from_ggml(&blocks.data()?, n, k);
             let ours = best_of(rounds, || {
                 gemm_q8::matmul(&xs, m, k, &packed, None, &mut out, n, true);
                 Ok(())

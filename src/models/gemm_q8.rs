@@ -87,20 +87,11 @@ unsafe impl PanelRowType for PanelBlock {}
 
 /// The weight `[n, k]` of a linear layer in q8_0, as panels of [`NR`]
 /// columns, each a run of `k / 32` blocks; columns past `n` are zero.
+#[derive(Clone)]
 pub struct PackedMatrixQ8 {
     k: usize,
     n: usize,
     blocks: Panels<PanelBlock>,
-}
-
-impl Clone for PackedMatrixQ8 {
-    fn clone(&self) -> Self {
-        Self {
-            k: self.k,
-            n: self.n,
-            blocks: self.blocks.clone(),
-        }
-    }
 }
 
 impl std::fmt::Debug for PackedMatrixQ8 {
