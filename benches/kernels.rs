@@ -11,6 +11,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::Module;
 use candle_core::{DType, Device, Tensor};
 use caption::models::gemm::{self, FusedSelfAttention, PackedMatrix};
+use caption::models::gemm_amx;
 use caption::models::gemm_bf16::{self, Bf16Kernel, PackedMatrixBf16};
 use caption::models::gemm_q8::{self, PackedMatrixQ8};
 use half::bf16;
@@ -33,6 +34,7 @@ fn main() -> anyhow::Result<()> {
         (577, 768, 3072),
         (577, 3072, 768),
         (1, 768, 3072),
+        (3, 768, 3072),
         (8, 768, 3072),
     ] {
         let x = Tensor::randn(0f32, 1.0, (m, k), &device)?;
@@ -69,7 +71,7 @@ fn main() -> anyhow::Result<()> {
             let packed = PackedMatrixBf16::from_transposed(&w16.flatten_all()?.to_vec1()?, n, k);
             let xs: Vec<bf16> = x16.flatten_all()?.to_vec1()?;
             let mut out = vec![bf16::ZERO; m * n];
-            // Both of our kernels, whichever this CPU would use.
+            // Each of our kernels this CPU can run, whichever it would use.
             let mut ours = |kernel| {
                 best_of(rounds, || {
                     gemm_bf16::matmul_with(kernel, &xs, m, &packed, None, &mut out);
@@ -78,8 +80,13 @@ fn main() -> anyhow::Result<()> {
             };
             let dot = ours(Bf16Kernel::DotProduct)?;
             let widened = ours(Bf16Kernel::Widened)?;
+            let tiles = if gemm_amx::available() {
+                format!(", tiles {:>6.1}", flops / ours(Bf16Kernel::Tiles)? / 1e9)
+            } else {
+                String::new()
+            };
             println!(
-                "  bf16 {m:>4}x{k:>4}x{n:>4}  candle {:>6.1}  ours: dot {:>6.1}, widened {:>6.1} GFLOP/s (this CPU: {:?})",
+                "  bf16 {m:>4}x{k:>4}x{n:>4}  candle {:>6.1}  ours: dot {:>6.1}, widened {:>6.1}{tiles} GFLOP/s (this CPU: {:?})",
                 flops / candle / 1e9,
                 flops / dot / 1e9,
                 flops / widened / 1e9,

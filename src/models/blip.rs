@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
+use super::kernels::residual_add;
 use super::{
     causal_mask, gemm, gemm_bf16, kernels, last_position, layer_norm, linear, merge_heads,
     scaled_dot_product_attention, split_heads, Activation, KvCache, LayerNorm, Linear,
@@ -393,8 +394,11 @@ impl VisionEncoderLayer {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let attended = (self.self_attn.forward(&self.layer_norm1.forward(xs)?)? + xs)?;
-        self.mlp.forward(&self.layer_norm2.forward(&attended)?)? + attended
+        let attended = residual_add(&self.self_attn.forward(&self.layer_norm1.forward(xs)?)?, xs)?;
+        residual_add(
+            &self.mlp.forward(&self.layer_norm2.forward(&attended)?)?,
+            &attended,
+        )
     }
 }
 
@@ -574,7 +578,8 @@ impl TextAttention {
     /// `BlipTextSelfOutput`: dense, residual, LayerNorm.
     fn output(&self, context: &Tensor, hidden: &Tensor) -> Result<Tensor> {
         let projected = self.output_dense.forward(&merge_heads(context)?)?;
-        self.output_layer_norm.forward(&(projected + hidden)?)
+        self.output_layer_norm
+            .forward(&residual_add(&projected, hidden)?)
     }
 }
 
@@ -629,7 +634,7 @@ impl TextLayer {
         let ff = self
             .output_dense
             .forward(&self.act.forward(&self.intermediate.forward(&hidden)?)?)?;
-        self.output_layer_norm.forward(&(ff + hidden)?)
+        self.output_layer_norm.forward(&residual_add(&ff, &hidden)?)
     }
 }
 

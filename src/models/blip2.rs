@@ -17,6 +17,7 @@ use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use super::blip::{self, VisionModel};
+use super::kernels::residual_add;
 use super::opt::{OptConfig, OptForCausalLM};
 use super::{layer_norm, linear, merge_heads, scaled_dot_product_attention, split_heads, Linear};
 use super::{Activation, LayerNorm};
@@ -248,8 +249,10 @@ impl QFormerAttention {
         let k = split_heads(&self.key.forward(states)?, self.num_heads)?;
         let v = split_heads(&self.value.forward(states)?, self.num_heads)?;
         let context = merge_heads(&scaled_dot_product_attention(&q, &k, &v, self.scale, None)?)?;
-        self.output_layer_norm
-            .forward(&(self.output_dense.forward(&context)? + hidden)?)
+        self.output_layer_norm.forward(&residual_add(
+            &self.output_dense.forward(&context)?,
+            hidden,
+        )?)
     }
 }
 
@@ -312,7 +315,8 @@ impl QFormerLayer {
                 .act
                 .forward(&self.intermediate_query.forward(&hidden)?)?,
         )?;
-        self.output_query_layer_norm.forward(&(ff + hidden)?)
+        self.output_query_layer_norm
+            .forward(&residual_add(&ff, &hidden)?)
     }
 }
 

@@ -293,12 +293,13 @@ pub fn matmul(
         // tasks write disjoint (row block, panel range) rectangles of `c`.
         unsafe { product_block(a, lda, rows, b, panels, bias, out, ldc) }
     };
-    for_each_block(m, b.panels(), MC, parallel, run);
+    for_each_block(m, b.panels(), MC, MR, parallel, run);
 }
 
 /// Cuts an `m`-row × `panels`-panel product into (row block, panel range)
 /// tasks and runs `run` on each, over the thread pool when `parallel`.
-/// Row blocks of at most `max_rows` (a multiple of [`MR`]) are evened out
+/// Row blocks of at most `max_rows` (a multiple of `row_step`, the rows
+/// of the caller's tile) are evened out
 /// (577 rows by 240: 204, 204, 169, not 240, 240, 97) so tasks are of a
 /// size; panels are grouped so every thread has work twice over (for
 /// balance), cutting first along rows (each task then streams its own
@@ -307,11 +308,12 @@ pub(super) fn for_each_block(
     m: usize,
     panels: usize,
     max_rows: usize,
+    row_step: usize,
     parallel: bool,
     run: impl Fn(std::ops::Range<usize>, std::ops::Range<usize>) + Sync,
 ) {
     let row_blocks = m.div_ceil(max_rows);
-    let block_rows = m.div_ceil(row_blocks).next_multiple_of(MR);
+    let block_rows = m.div_ceil(row_blocks).next_multiple_of(row_step);
     let row_blocks = m.div_ceil(block_rows);
     let threads = if parallel {
         rayon::current_num_threads()

@@ -340,7 +340,7 @@ pub fn matmul(
         // and tasks write disjoint (row block, panel range) rectangles of `c`.
         unsafe { product_block(&input, k, rows, b, panels, bias, out, ldc) }
     };
-    for_each_block(m, b.panels(), MC, parallel, run);
+    for_each_block(m, b.panels(), MC, super::gemm::MR, parallel, run);
 }
 
 /// Rows `rows` × panels `panels` of the product.

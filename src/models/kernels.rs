@@ -220,8 +220,18 @@ const LANES: usize = 8;
 #[inline(always)]
 fn attend_one_body<T: Element>(q: &[T], k: &[T], v: &[T], scale: f32, out: &mut [T]) {
     let d = q.len();
-    let q: Vec<f32> = q.iter().map(|x| x.to_f32()).collect();
-    let mut scores: Vec<f32> = k.chunks_exact(d).map(|key| dot(&q, key) * scale).collect();
+    // Plain loops, not `map(..).collect()`: the collect's fold was compiled
+    // out of line, for baseline x86-64, so the scores (the bulk of the
+    // work) ran on SSE2 with scalar bf16 widening: 26% of a bf16 decoding
+    // step, 9% in this function proper.
+    let mut q_wide = vec![0.0f32; d];
+    for (w, x) in q_wide.iter_mut().zip(q) {
+        *w = x.to_f32();
+    }
+    let mut scores = vec![0.0f32; k.len() / d.max(1)];
+    for (score, key) in scores.iter_mut().zip(k.chunks_exact(d)) {
+        *score = dot(&q_wide, key) * scale;
+    }
     // softmax, normalised before the weighted sum as torch's softmax-then-matmul does.
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
@@ -417,6 +427,55 @@ pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
         return xs.gelu_erf();
     }
     xs.contiguous()?.apply_op1_no_bwd(&GeluErf)
+}
+
+/// `xs + residual`, two tensors of one shape. bf16 on the CPU is added in
+/// f32 and rounded once (to nearest, ties to even, as torch rounds), chunks
+/// in parallel: candle's bf16 add calls its conversion intrinsics out of
+/// line, 8 values a call, ~10 ns an element, which was 32% of the vision
+/// encoder's time once its products ran on AMX tiles. Other dtypes go to
+/// candle.
+pub fn residual_add(xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+    let fast = matches!(xs.device(), Device::Cpu)
+        && xs.dtype() == DType::BF16
+        && residual.dtype() == DType::BF16
+        && xs.dims() == residual.dims();
+    if !fast {
+        return xs + residual;
+    }
+    xs.contiguous()?
+        .apply_op2_no_bwd(&residual.contiguous()?, &Bf16Add)
+}
+
+struct Bf16Add;
+
+impl candle_core::CustomOp2 for Bf16Add {
+    fn name(&self) -> &'static str {
+        "bf16-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xs_layout: &Layout,
+        residual: &CpuStorage,
+        residual_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::BF16(xs), CpuStorage::BF16(residual)) = (xs, residual) else {
+            candle_core::bail!("bf16 add: bf16 only");
+        };
+        let (xs, residual) = (slice(xs, xs_layout)?, slice(residual, residual_layout)?);
+        let mut out = vec![bf16::ZERO; xs.len()];
+        out.par_chunks_mut(ELEMENTWISE_CHUNK)
+            .zip(xs.par_chunks(ELEMENTWISE_CHUNK))
+            .zip(residual.par_chunks(ELEMENTWISE_CHUNK))
+            .for_each(|((out, xs), residual)| {
+                for ((o, x), r) in out.iter_mut().zip(xs).zip(residual) {
+                    *o = bf16::from_f32(x.to_f32() + r.to_f32());
+                }
+            });
+        Ok((CpuStorage::BF16(out), xs_layout.shape().clone()))
+    }
 }
 
 struct RowSoftmax;
@@ -676,6 +735,32 @@ mod tests {
             .unwrap()
             .to_scalar()
             .unwrap()
+    }
+
+    /// bf16 sums: each the f32 sum of the two values rounded once, to
+    /// nearest, ties to even (as torch adds bf16 tensors), across chunk
+    /// edges; other dtypes as candle adds them.
+    #[test]
+    fn residual_add_rounds_each_sum_once() {
+        let len = 3 * ELEMENTWISE_CHUNK + 5;
+        let xs = random(&[len], 31).to_dtype(DType::BF16).unwrap();
+        let residual = (random(&[len], 32) * 1e-3)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let ours: Vec<bf16> = residual_add(&xs, &residual).unwrap().to_vec1().unwrap();
+        let (x, r): (Vec<bf16>, Vec<bf16>) = (xs.to_vec1().unwrap(), residual.to_vec1().unwrap());
+        for i in 0..len {
+            let expected = bf16::from_f32(x[i].to_f32() + r[i].to_f32());
+            assert_eq!(ours[i].to_bits(), expected.to_bits(), "at {i}");
+        }
+        let wide = (random(&[7], 33), random(&[7], 34));
+        let sum = residual_add(&wide.0, &wide.1).unwrap();
+        let expected = (&wide.0 + &wide.1).unwrap();
+        assert_eq!(
+            sum.to_vec1::<f32>().unwrap(),
+            expected.to_vec1::<f32>().unwrap()
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 pub mod blip;
 pub mod blip2;
 pub mod gemm;
+pub mod gemm_amx;
 pub mod gemm_bf16;
 pub mod gemm_q8;
 pub mod kernels;

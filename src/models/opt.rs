@@ -12,6 +12,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use super::kernels::residual_add;
 use super::{
     causal_mask, last_position, merge_heads, scaled_dot_product_attention, split_heads, Activation,
     KvCache, LayerNorm, Linear, TokenEmbedding,
@@ -238,12 +239,12 @@ impl OptDecoderLayer {
         let attended =
             self.self_attn
                 .forward(&pre(&self.self_attn_layer_norm, hidden)?, cache, mask)?;
-        let hidden = post(&self.self_attn_layer_norm, (hidden + attended)?)?;
+        let hidden = post(&self.self_attn_layer_norm, residual_add(hidden, &attended)?)?;
         let ff = pre(&self.final_layer_norm, &hidden)?;
         let ff = self
             .fc2
             .forward(&self.activation.forward(&self.fc1.forward(&ff)?)?)?;
-        post(&self.final_layer_norm, (hidden + ff)?)
+        post(&self.final_layer_norm, residual_add(&hidden, &ff)?)
     }
 }
 
