@@ -18,8 +18,8 @@ use serde::Deserialize;
 
 use super::kernels::residual_add;
 use super::{
-    causal_mask, gemm, gemm_bf16, kernels, last_position, layer_norm, linear, merge_heads,
-    scaled_dot_product_attention, split_heads, Activation, KvCache, LayerNorm, Linear,
+    attention_amx, causal_mask, gemm, gemm_bf16, kernels, last_position, layer_norm, linear,
+    merge_heads, scaled_dot_product_attention, split_heads, Activation, KvCache, LayerNorm, Linear,
     TokenEmbedding,
 };
 
@@ -308,6 +308,19 @@ impl VisionAttention {
         let (b, t, d) = xs.dims3()?;
         let head_dim = d / self.num_heads;
         let qkv = self.qkv.forward(xs)?;
+        if qkv.device().is_cpu()
+            && qkv.dtype() == DType::BF16
+            && attention_amx::FusedSelfAttentionBf16::fits(head_dim)
+        {
+            // bf16 on AMX tiles, in place of widening to f32 for the kernel
+            // below (BLIP-base vision b1: see the commit that added it).
+            let fused = attention_amx::FusedSelfAttentionBf16 {
+                heads: self.num_heads,
+                scale: self.scale as f32,
+            };
+            let context = qkv.contiguous()?.apply_op1_no_bwd(&fused)?;
+            return self.projection.forward(&context);
+        }
         let fused_kernel = qkv.device().is_cpu()
             && match qkv.dtype() {
                 DType::F32 => gemm::available(),

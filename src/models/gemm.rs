@@ -589,6 +589,37 @@ pub struct FusedSelfAttention {
     pub scale: f32,
 }
 
+/// The shape of a ViT's fused projection `qkv [batch, tokens, 3 · d]`.
+pub(super) struct FusedQkv {
+    pub batch: usize,
+    pub tokens: usize,
+    pub d: usize,
+    pub head_dim: usize,
+}
+
+/// `data`'s contiguous `qkv` under `layout`, and its shape for `heads`.
+pub(super) fn fused_qkv<'a, T>(
+    data: &'a [T],
+    layout: &Layout,
+    heads: usize,
+) -> Result<(&'a [T], FusedQkv)> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("fused attention: needs a contiguous input");
+    };
+    let (batch, tokens, width) = layout.shape().dims3()?;
+    let d = width / 3;
+    if width % 3 != 0 || heads == 0 || d % heads != 0 {
+        candle_core::bail!("fused attention: width {width} for {heads} heads");
+    }
+    let shape = FusedQkv {
+        batch,
+        tokens,
+        d,
+        head_dim: d / heads,
+    };
+    Ok((&data[start..end], shape))
+}
+
 impl CustomOp1 for FusedSelfAttention {
     fn name(&self) -> &'static str {
         "fused-self-attention"
@@ -598,16 +629,16 @@ impl CustomOp1 for FusedSelfAttention {
         let CpuStorage::F32(data) = storage else {
             candle_core::bail!("fused attention: f32 only");
         };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("fused attention: needs a contiguous input");
-        };
-        let qkv = &data[start..end];
-        let (batch, tokens, width) = layout.shape().dims3()?;
-        let d = width / 3;
-        if width % 3 != 0 || d % self.heads != 0 {
-            candle_core::bail!("fused attention: width {width} for {} heads", self.heads);
-        }
-        let head_dim = d / self.heads;
+        let (
+            qkv,
+            FusedQkv {
+                batch,
+                tokens,
+                d,
+                head_dim,
+            },
+        ) = fused_qkv(data, layout, self.heads)?;
+        let width = 3 * d;
         let mut out = vec![0.0f32; batch * tokens * d];
         let context = OutputPtr(out.as_mut_ptr());
         (0..batch * self.heads).into_par_iter().for_each(|task| {

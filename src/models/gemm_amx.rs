@@ -5,7 +5,7 @@
 //! [`super::gemm_bf16`]'s vector kernels are no faster than float32. The
 //! same CPUs have AMX: eight tile registers of 16 rows × 64 bytes, and
 //! `TDPBF16PS`, which multiplies a 16 × 32 bf16 tile of `a` by a 32 × 16
-//! tile of `b` into a 16 × 16 tile of f32 sums, 16 K multiply-adds in one
+//! tile of `b` into a 16 × 16 tile of f32 sums, 8192 multiply-adds in one
 //! instruction. Measured in a register-only loop on one core of a 2-vCPU
 //! Xeon VM (family 6, model 167): 1650 GFLOP/s, against about 160 for
 //! float32 FMAs.
@@ -17,13 +17,16 @@
 //! (rows 0-15 and 16-31 × columns 0-15 and 16-31) while the depth runs 32
 //! at a time: two tiles of `a`, straight from its rows, and the panel's two
 //! halves. The sums are rounded to bf16 once, after the bias, as the vector
-//! kernels do.
+//! kernels do. A block of at most 16 rows (a decoding step) takes one tile
+//! of `a` and prefetches the panel ahead: there the weights come from
+//! memory, and the tile loads alone left a third of its bandwidth unused.
 //!
 //! Rust has no stable AMX intrinsics, so the tile instructions are inline
 //! assembly. Linux gives a process the tile state only on request
 //! (`arch_prctl(ARCH_REQ_XCOMP_PERM)`, since 5.16): [`available`] asks
-//! once, and is false where the kernel refuses, on other systems, and
-//! under `CAPTION_BF16_KERNEL` naming a vector kernel.
+//! once, and is false where the kernel refuses and on other systems
+//! (`CAPTION_BF16_KERNEL=dot|widened` makes bf16 layers take a vector
+//! kernel all the same, see [`super::gemm_bf16::kernel`]).
 
 use half::bf16;
 
@@ -37,9 +40,13 @@ const BLOCK_ROWS: usize = 2 * TILE_ROWS;
 /// Depths per step: one tile of `a` is 16 rows × 32 bf16 (64 bytes).
 pub const DEPTH_STEP: usize = 32;
 /// Columns of a panel (as [`super::gemm_bf16`] packs them): two sum tiles.
-const NR: usize = 32;
+pub(super) const NR: usize = 32;
 /// Bytes of a packed pair row: 32 columns × 2 depths × 2 bytes.
 const PAIR_ROW_BYTES: usize = 2 * NR * 2;
+/// How far ahead [`short_block_sums`] prefetches the panel: four depth
+/// steps (BLIP-base bf16, 20 tokens at batch 1: 0.33-0.35 s with 2 or 4,
+/// 0.34-0.35 s with 8, 0.38 s with 16, 0.41-0.44 s without).
+const PREFETCH_AHEAD: usize = 4 * TILE_ROWS * PAIR_ROW_BYTES;
 /// Bytes of `a` a row block may take, so it stays in L2 while panels pass.
 const BLOCK_BYTES: usize = 512 * 1024;
 
@@ -122,11 +129,22 @@ pub fn matmul(a: &[bf16], m: usize, b: &PackedMatrixBf16, bias: Option<&[f32]>, 
         .clamp(BLOCK_ROWS, 256)
         .next_multiple_of(BLOCK_ROWS);
     let out = OutputPtr(c.as_mut_ptr());
+    let left = LeftRows { a, lda: k, k };
+    let right = RightPanels {
+        bytes: b.panel_bytes(),
+        k,
+        n,
+    };
     let run = |rows: std::ops::Range<usize>, panels: std::ops::Range<usize>| {
+        let store = |sums: &Sums, row: usize, height: usize, panel: usize, columns: usize| {
+            let bias = bias.map(|bias| &bias[panel * NR..][..columns]);
+            // SAFETY: tasks write disjoint (rows, panels) rectangles of `c`,
+            // whose bounds were asserted.
+            unsafe { store_block(sums, height, columns, bias, out.at(row * n + panel * NR), n) }
+        };
         // SAFETY: AMX was checked (and granted) above, the depth is whole
-        // tiles, the bounds were asserted, and tasks write disjoint (rows,
-        // panels) rectangles of `c`.
-        unsafe { product_block(a, rows, b, panels, bias, out) }
+        // tiles, and the operands' bounds were asserted.
+        unsafe { product_block(left, rows, right, panels, store) }
     };
     for_each_block(m, n.div_ceil(NR), max_rows, BLOCK_ROWS, true, run);
 }
@@ -148,41 +166,73 @@ impl TileConfig {
     }
 }
 
-/// Rows `rows` × panels `panels` of the product, on this thread's tiles.
-unsafe fn product_block(
-    a: &[bf16],
+/// A product's left operand: rows of `k` bf16 values, `lda` apart.
+#[derive(Clone, Copy)]
+pub(super) struct LeftRows<'a> {
+    pub a: &'a [bf16],
+    pub lda: usize,
+    pub k: usize,
+}
+
+/// A product's right operand, `[k, n]` in panels of [`NR`] columns, each
+/// `k / 2` pair rows ([`PAIR_ROW_BYTES`] each).
+#[derive(Clone, Copy)]
+pub(super) struct RightPanels<'a> {
+    pub bytes: &'a [u8],
+    pub k: usize,
+    pub n: usize,
+}
+
+/// Rows `rows` × panels `panels` of a product, on this thread's tiles:
+/// each block of up to 32 rows × one panel goes to `store(sums, first row,
+/// height, panel, columns)`.
+///
+/// # Safety
+/// AMX must be granted, `k` whole tiles of depth, `left` hold every row in
+/// `rows` and `right` every panel in `panels`.
+pub(super) unsafe fn product_block(
+    left: LeftRows,
     rows: std::ops::Range<usize>,
-    b: &PackedMatrixBf16,
+    right: RightPanels,
     panels: std::ops::Range<usize>,
-    bias: Option<&[f32]>,
-    c: OutputPtr<bf16>,
+    mut store: impl FnMut(&Sums, usize, usize, usize, usize),
 ) {
-    let (k, n) = (b.k(), b.n());
+    let (k, lda) = (left.k, left.lda);
+    debug_assert!(k == right.k && k.is_multiple_of(DEPTH_STEP));
     let pair_rows = k / 2;
     // A last block of fewer than 32 rows is copied out with zero rows
     // after it, so tile loads never read past `a`.
     let tail_rows = (rows.end - rows.start) % BLOCK_ROWS;
     let tail = (tail_rows > 0).then(|| {
         let mut padded = vec![bf16::ZERO; BLOCK_ROWS * k];
-        padded[..tail_rows * k].copy_from_slice(&a[(rows.end - tail_rows) * k..rows.end * k]);
+        for (r, row) in padded.chunks_exact_mut(k).take(tail_rows).enumerate() {
+            row.copy_from_slice(&left.a[(rows.end - tail_rows + r) * lda..][..k]);
+        }
         padded
     });
     let mut sums = Sums([0.0; BLOCK_ROWS * NR]);
-    let config = TileConfig::uniform();
-    configure_tiles(&config);
+    configure_tiles(&TileConfig::uniform());
     for panel in panels {
-        let packed = b.panel_bytes()[panel * pair_rows * PAIR_ROW_BYTES..].as_ptr();
-        let columns = NR.min(n - panel * NR);
-        let bias = bias.map(|bias| &bias[panel * NR..][..columns]);
+        let packed = right.bytes[panel * pair_rows * PAIR_ROW_BYTES..]
+            [..pair_rows * PAIR_ROW_BYTES]
+            .as_ptr();
+        let columns = NR.min(right.n - panel * NR);
         let mut row = rows.start;
         while row < rows.end {
             let height = BLOCK_ROWS.min(rows.end - row);
-            let rows_of_a = match &tail {
-                Some(padded) if height < BLOCK_ROWS => padded.as_ptr(),
-                _ => a.as_ptr().add(row * k),
+            let (rows_of_a, stride) = match &tail {
+                Some(padded) if height < BLOCK_ROWS => (padded.as_ptr(), k),
+                _ => (
+                    left.a[row * lda..][..(BLOCK_ROWS - 1) * lda + k].as_ptr(),
+                    lda,
+                ),
             };
-            block_sums(rows_of_a, k, packed, &mut sums);
-            store_block(&sums, height, columns, bias, c.at(row * n + panel * NR), n);
+            if height <= TILE_ROWS {
+                short_block_sums(rows_of_a, stride, k, packed, &mut sums);
+            } else {
+                block_sums(rows_of_a, stride, k, packed, &mut sums);
+            }
+            store(&sums, row, height, panel, columns);
             row += height;
         }
     }
@@ -191,7 +241,7 @@ unsafe fn product_block(
 
 /// A block's f32 sums, rows of 32 columns (128 bytes).
 #[repr(C, align(64))]
-struct Sums([f32; BLOCK_ROWS * NR]);
+pub(super) struct Sums(pub [f32; BLOCK_ROWS * NR]);
 
 #[cfg(target_arch = "x86_64")]
 unsafe fn configure_tiles(config: &TileConfig) {
@@ -203,10 +253,10 @@ unsafe fn release_tiles() {
     std::arch::asm!("tilerelease", options(nostack, nomem));
 }
 
-/// Sums of 32 rows of `a` (`k` long, from `a`) times a packed panel, whole
-/// depth, into `sums`.
+/// Sums of 32 rows of `a` (`k` long, `lda` apart) times a packed panel,
+/// whole depth, into `sums`.
 #[cfg(target_arch = "x86_64")]
-unsafe fn block_sums(a: *const bf16, k: usize, panel: *const u8, sums: &mut Sums) {
+unsafe fn block_sums(a: *const bf16, lda: usize, k: usize, panel: *const u8, sums: &mut Sums) {
     std::arch::asm!(
         "tilezero tmm0",
         "tilezero tmm1",
@@ -231,8 +281,8 @@ unsafe fn block_sums(a: *const bf16, k: usize, panel: *const u8, sums: &mut Sums
         "tilestored [{c_low} + {ldc}*1], tmm2",
         "tilestored [{c_low} + {ldc}*1 + 64], tmm3",
         a = inout(reg) a => _,
-        a_low = inout(reg) a.add(TILE_ROWS * k) => _,
-        lda = in(reg) 2 * k,
+        a_low = inout(reg) a.add(TILE_ROWS * lda) => _,
+        lda = in(reg) 2 * lda,
         b = inout(reg) panel => _,
         ldb = in(reg) PAIR_ROW_BYTES,
         b_step = in(reg) TILE_ROWS * PAIR_ROW_BYTES,
@@ -244,11 +294,82 @@ unsafe fn block_sums(a: *const bf16, k: usize, panel: *const u8, sums: &mut Sums
     );
 }
 
+/// [`block_sums`] for a block of at most 16 rows (a decoding step's): one
+/// tile of `a`, two of sums, and the panel prefetched [`PREFETCH_AHEAD`]
+/// bytes ahead, as the product reads weights from memory, not cache.
+#[cfg(target_arch = "x86_64")]
+unsafe fn short_block_sums(
+    a: *const bf16,
+    lda: usize,
+    k: usize,
+    panel: *const u8,
+    sums: &mut Sums,
+) {
+    std::arch::asm!(
+        "tilezero tmm0",
+        "tilezero tmm1",
+        "2:",
+        "prefetcht0 [{b} + {ahead} + 0]",
+        "prefetcht0 [{b} + {ahead} + 64]",
+        "prefetcht0 [{b} + {ahead} + 128]",
+        "prefetcht0 [{b} + {ahead} + 192]",
+        "prefetcht0 [{b} + {ahead} + 256]",
+        "prefetcht0 [{b} + {ahead} + 320]",
+        "prefetcht0 [{b} + {ahead} + 384]",
+        "prefetcht0 [{b} + {ahead} + 448]",
+        "prefetcht0 [{b} + {ahead} + 512]",
+        "prefetcht0 [{b} + {ahead} + 576]",
+        "prefetcht0 [{b} + {ahead} + 640]",
+        "prefetcht0 [{b} + {ahead} + 704]",
+        "prefetcht0 [{b} + {ahead} + 768]",
+        "prefetcht0 [{b} + {ahead} + 832]",
+        "prefetcht0 [{b} + {ahead} + 896]",
+        "prefetcht0 [{b} + {ahead} + 960]",
+        "prefetcht0 [{b} + {ahead} + 1024]",
+        "prefetcht0 [{b} + {ahead} + 1088]",
+        "prefetcht0 [{b} + {ahead} + 1152]",
+        "prefetcht0 [{b} + {ahead} + 1216]",
+        "prefetcht0 [{b} + {ahead} + 1280]",
+        "prefetcht0 [{b} + {ahead} + 1344]",
+        "prefetcht0 [{b} + {ahead} + 1408]",
+        "prefetcht0 [{b} + {ahead} + 1472]",
+        "prefetcht0 [{b} + {ahead} + 1536]",
+        "prefetcht0 [{b} + {ahead} + 1600]",
+        "prefetcht0 [{b} + {ahead} + 1664]",
+        "prefetcht0 [{b} + {ahead} + 1728]",
+        "prefetcht0 [{b} + {ahead} + 1792]",
+        "prefetcht0 [{b} + {ahead} + 1856]",
+        "prefetcht0 [{b} + {ahead} + 1920]",
+        "prefetcht0 [{b} + {ahead} + 1984]",
+        "tileloadd tmm4, [{a} + {lda}*1]",
+        "tileloadd tmm6, [{b} + {ldb}*1]",
+        "tileloadd tmm7, [{b} + {ldb}*1 + 64]",
+        "tdpbf16ps tmm0, tmm4, tmm6",
+        "tdpbf16ps tmm1, tmm4, tmm7",
+        "add {a}, 64",
+        "add {b}, {b_step}",
+        "dec {steps}",
+        "jnz 2b",
+        "tilestored [{c} + {ldc}*1], tmm0",
+        "tilestored [{c} + {ldc}*1 + 64], tmm1",
+        a = inout(reg) a => _,
+        lda = in(reg) 2 * lda,
+        b = inout(reg) panel => _,
+        ldb = in(reg) PAIR_ROW_BYTES,
+        b_step = in(reg) TILE_ROWS * PAIR_ROW_BYTES,
+        ahead = const PREFETCH_AHEAD,
+        steps = inout(reg) k / DEPTH_STEP => _,
+        c = in(reg) sums.0.as_mut_ptr(),
+        ldc = in(reg) NR * 4,
+        options(nostack),
+    );
+}
+
 /// A block's sums plus the bias, rounded to bf16 once, into its `height`
 /// rows × `columns` columns of `c` (rows `ldc` apart).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-unsafe fn store_block(
+pub(super) unsafe fn store_block(
     sums: &Sums,
     height: usize,
     columns: usize,
@@ -287,12 +408,12 @@ unsafe fn configure_tiles(_config: &TileConfig) {
 unsafe fn release_tiles() {}
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn block_sums(_a: *const bf16, _k: usize, _panel: *const u8, _sums: &mut Sums) {
+unsafe fn block_sums(_a: *const bf16, _lda: usize, _k: usize, _panel: *const u8, _sums: &mut Sums) {
     unreachable!("AMX on a non-x86 CPU")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn store_block(
+pub(super) unsafe fn store_block(
     _sums: &Sums,
     _height: usize,
     _columns: usize,

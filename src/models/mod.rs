@@ -4,6 +4,7 @@
 //! `vb.pp(..)` using the checkpoint's own tensor names, so a tensor in our code
 //! can be found in the safetensors file by the same path.
 
+pub mod attention_amx;
 pub mod blip;
 pub mod blip2;
 pub mod gemm;
