@@ -33,10 +33,15 @@ pub struct FusedSelfAttentionBf16 {
 }
 
 impl FusedSelfAttentionBf16 {
-    /// Whether heads of `head_dim` run on tiles here: AMX granted and the
-    /// head whole depth steps (BLIP's 64; BLIP-2's ViT-g, 88, does not).
+    /// Whether heads of `head_dim` run on tiles here: bf16 products run on
+    /// tiles (AMX granted, and `CAPTION_BF16_KERNEL` names no vector
+    /// kernel) and the head is whole depth steps (BLIP's 64; BLIP-2's
+    /// ViT-g, 88, is not).
     pub fn fits(head_dim: usize) -> bool {
-        head_dim > 0 && head_dim.is_multiple_of(DEPTH_STEP) && available()
+        head_dim > 0
+            && head_dim.is_multiple_of(DEPTH_STEP)
+            && available()
+            && super::gemm_bf16::kernel() == super::gemm_bf16::Bf16Kernel::Tiles
     }
 }
 
@@ -59,7 +64,8 @@ impl CustomOp1 for FusedSelfAttentionBf16 {
             },
         ) = fused_qkv(data, layout, self.heads)?;
         let width = 3 * d;
-        if !Self::fits(head_dim) {
+        // The tiles themselves, whichever kernel the linear layers chose.
+        if head_dim == 0 || !head_dim.is_multiple_of(DEPTH_STEP) || !available() {
             candle_core::bail!("AMX attention: heads of {head_dim} do not fit the tiles here");
         }
         let mut out = vec![bf16::ZERO; batch * tokens * d];
