@@ -313,7 +313,8 @@ impl VisionAttention {
             && attention_amx::FusedSelfAttentionBf16::fits(head_dim)
         {
             // bf16 on AMX tiles, in place of widening to f32 for the kernel
-            // below (BLIP-base vision b1: see the commit that added it).
+            // below and rounding back (BLIP-base vision at batch 1 on a
+            // 2-vCPU AMX Xeon: 0.20 s to 0.18 s).
             let fused = attention_amx::FusedSelfAttentionBf16 {
                 heads: self.num_heads,
                 scale: self.scale as f32,
