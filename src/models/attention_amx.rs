@@ -8,9 +8,8 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 use half::bf16;
-use rayon::prelude::*;
 
-use super::gemm::{fused_qkv, FusedQkv, OutputPtr};
+use super::gemm::{for_each_head, fused_qkv, FusedQkv, QkvHead};
 use super::gemm_amx::{
     available, product_block, store_block, LeftRows, RightPanels, DEPTH_STEP, NR,
 };
@@ -54,59 +53,27 @@ impl CustomOp1 for FusedSelfAttentionBf16 {
         let CpuStorage::BF16(data) = storage else {
             candle_core::bail!("AMX attention: bf16 only");
         };
-        let (
-            qkv,
-            FusedQkv {
-                batch,
-                tokens,
-                d,
-                head_dim,
-            },
-        ) = fused_qkv(data, layout, self.heads)?;
-        let width = 3 * d;
+        let (qkv, shape) = fused_qkv(data, layout, self.heads)?;
+        let FusedQkv {
+            batch,
+            tokens,
+            d,
+            head_dim,
+            ..
+        } = shape;
         // The tiles themselves, whichever kernel the linear layers chose.
         if head_dim == 0 || !head_dim.is_multiple_of(DEPTH_STEP) || !available() {
             candle_core::bail!("AMX attention: heads of {head_dim} do not fit the tiles here");
         }
         let mut out = vec![bf16::ZERO; batch * tokens * d];
-        let context = OutputPtr(out.as_mut_ptr());
-        (0..batch * self.heads).into_par_iter().for_each(|task| {
-            let (image, head) = (task / self.heads, task % self.heads);
-            let head = Head {
-                rows: &qkv[image * tokens * width..][..tokens * width],
-                tokens,
-                width,
-                q: head * head_dim,
-                k: d + head * head_dim,
-                v: 2 * d + head * head_dim,
-                head_dim,
-            };
-            // SAFETY: AMX and the head's depth were checked above; this
-            // task writes only its own image's rows and its own head's
-            // columns of `out`, which outlives the loop.
-            unsafe {
-                attend_head(
-                    &head,
-                    self.scale,
-                    context.at(image * tokens * d + head.q),
-                    d,
-                )
-            };
+        for_each_head(qkv, shape, &mut out, |head, out| {
+            // SAFETY: AMX and the head's depth were checked above;
+            // `for_each_head` hands each task its own head's columns of its
+            // own image's rows of `out`.
+            unsafe { attend_head(head, self.scale, out, d) }
         });
         Ok((CpuStorage::BF16(out), Shape::from((batch, tokens, d))))
     }
-}
-
-/// One head's queries, keys and values: columns `q`, `k`, `v` on of each
-/// of `tokens` rows `width` long.
-struct Head<'a> {
-    rows: &'a [bf16],
-    tokens: usize,
-    width: usize,
-    q: usize,
-    k: usize,
-    v: usize,
-    head_dim: usize,
 }
 
 /// One head's attention into `out` (rows `ldo` apart).
@@ -114,7 +81,7 @@ struct Head<'a> {
 /// # Safety
 /// AMX must be granted and `head_dim` whole depth steps; `out` must hold
 /// `tokens` rows of `head_dim`, `ldo` apart.
-unsafe fn attend_head(head: &Head, scale: f32, out: *mut bf16, ldo: usize) {
+unsafe fn attend_head(head: &QkvHead<bf16>, scale: f32, out: *mut bf16, ldo: usize) {
     let (tokens, head_dim) = (head.tokens, head.head_dim);
     // The second product's depth is the keys, padded to whole steps with
     // zero probabilities against zero values.

@@ -590,7 +590,9 @@ pub struct FusedSelfAttention {
 }
 
 /// The shape of a ViT's fused projection `qkv [batch, tokens, 3 · d]`.
+#[derive(Clone, Copy)]
 pub(super) struct FusedQkv {
+    pub heads: usize,
     pub batch: usize,
     pub tokens: usize,
     pub d: usize,
@@ -612,12 +614,61 @@ pub(super) fn fused_qkv<'a, T>(
         candle_core::bail!("fused attention: width {width} for {heads} heads");
     }
     let shape = FusedQkv {
+        heads,
         batch,
         tokens,
         d,
         head_dim: d / heads,
     };
     Ok((&data[start..end], shape))
+}
+
+/// One (image, head) of a fused projection: the image's `tokens` rows of
+/// `qkv`, each `width` (3 · d) long, and the columns where the head's
+/// queries, keys and values start.
+pub(super) struct QkvHead<'a, T> {
+    pub rows: &'a [T],
+    pub tokens: usize,
+    pub width: usize,
+    pub q: usize,
+    pub k: usize,
+    pub v: usize,
+    pub head_dim: usize,
+}
+
+/// Runs `attend(head, out)` for every (image, head) of `qkv [batch, tokens,
+/// 3 · d]`, one task each over the thread pool; `out` points at the head's
+/// first value in `context [batch, tokens, d]` (its rows `d` apart), which
+/// only that task writes.
+pub(super) fn for_each_head<T: Copy + Send + Sync>(
+    qkv: &[T],
+    shape: FusedQkv,
+    context: &mut [T],
+    attend: impl Fn(&QkvHead<T>, *mut T) + Sync,
+) {
+    let FusedQkv {
+        heads,
+        batch,
+        tokens,
+        d,
+        head_dim,
+    } = shape;
+    let width = 3 * d;
+    assert!(qkv.len() >= batch * tokens * width && context.len() >= batch * tokens * d);
+    let context = OutputPtr(context.as_mut_ptr());
+    (0..batch * heads).into_par_iter().for_each(|task| {
+        let (image, head) = (task / heads, task % heads);
+        let head = QkvHead {
+            rows: &qkv[image * tokens * width..][..tokens * width],
+            tokens,
+            width,
+            q: head * head_dim,
+            k: d + head * head_dim,
+            v: 2 * d + head * head_dim,
+            head_dim,
+        };
+        attend(&head, context.at(image * tokens * d + head.q));
+    });
 }
 
 impl CustomOp1 for FusedSelfAttention {
@@ -629,39 +680,38 @@ impl CustomOp1 for FusedSelfAttention {
         let CpuStorage::F32(data) = storage else {
             candle_core::bail!("fused attention: f32 only");
         };
-        let (
-            qkv,
-            FusedQkv {
-                batch,
-                tokens,
-                d,
-                head_dim,
-            },
-        ) = fused_qkv(data, layout, self.heads)?;
-        let width = 3 * d;
+        let (qkv, shape) = fused_qkv(data, layout, self.heads)?;
+        let FusedQkv {
+            batch,
+            tokens,
+            d,
+            head_dim,
+            ..
+        } = shape;
         let mut out = vec![0.0f32; batch * tokens * d];
-        let context = OutputPtr(out.as_mut_ptr());
-        (0..batch * self.heads).into_par_iter().for_each(|task| {
-            let (image, head) = (task / self.heads, task % self.heads);
-            let rows = &qkv[image * tokens * width..][..tokens * width];
-            let q = &rows[head * head_dim..];
-            let k = &rows[d + head * head_dim..];
-            let v = &rows[2 * d + head * head_dim..];
-            let keys = PackedMatrix::from_transposed_serial(k, tokens, head_dim, width);
+        for_each_head(qkv, shape, &mut out, |head, out| {
+            let q = &head.rows[head.q..];
+            let k = &head.rows[head.k..];
+            let v = &head.rows[head.v..];
+            let keys = PackedMatrix::from_transposed_serial(k, tokens, head_dim, head.width);
             let mut scores = vec![0.0f32; tokens * tokens];
-            matmul(q, tokens, width, &keys, None, &mut scores, tokens, false);
+            matmul(
+                q,
+                tokens,
+                head.width,
+                &keys,
+                None,
+                &mut scores,
+                tokens,
+                false,
+            );
             for row in scores.chunks_mut(tokens) {
                 super::kernels::scaled_softmax_in_place(row, self.scale);
             }
-            let values = PackedMatrix::from_rows_serial(v, tokens, head_dim, width);
-            // SAFETY: this task writes only its own image's rows and its own
-            // head's columns of `out`, which outlives the loop.
-            let out = unsafe {
-                std::slice::from_raw_parts_mut(
-                    context.at(image * tokens * d + head * head_dim),
-                    (tokens - 1) * d + head_dim,
-                )
-            };
+            let values = PackedMatrix::from_rows_serial(v, tokens, head_dim, head.width);
+            // SAFETY: `for_each_head` hands each task its own head's
+            // columns of its own image's rows of `out`.
+            let out = unsafe { std::slice::from_raw_parts_mut(out, (tokens - 1) * d + head_dim) };
             matmul(&scores, tokens, tokens, &values, None, out, d, false);
         });
         Ok((CpuStorage::F32(out), Shape::from((batch, tokens, d))))
