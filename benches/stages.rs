@@ -13,11 +13,11 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use caption::cli::{DtypeArg, QuantizeArg};
+use candle_core::DType;
+use caption::captioner::{QuantFormat, Quantization};
 use caption::generate::GenerationConfig;
-use caption::hub::{self, ModelSource};
+use caption::resolve::hub::{self, ModelSource};
 use caption::{CaptionRequest, Captioner, RuntimeOptions};
-use clap::ValueEnum;
 
 fn main() -> anyhow::Result<()> {
     // Positional: MODEL_DIR [ROUNDS [ONLY]]; options: --dtype f32|bf16|f16,
@@ -27,17 +27,20 @@ fn main() -> anyhow::Result<()> {
     let mut runtime = RuntimeOptions::default();
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            // The CLI's own value types, so the flags mean what they mean there.
+            // The values the CLI's flags take, meaning what they mean there.
             "--dtype" => {
-                let value = args.next().unwrap_or_default();
-                runtime.dtype = DtypeArg::from_str(&value, true)
-                    .map_err(anyhow::Error::msg)?
-                    .dtype();
+                runtime.dtype = match args.next().unwrap_or_default().as_str() {
+                    "f32" => Some(DType::F32),
+                    "bf16" => Some(DType::BF16),
+                    "f16" => Some(DType::F16),
+                    "auto" => None,
+                    other => anyhow::bail!("unknown --dtype {other}: f32, bf16, f16 or auto"),
+                };
             }
             "--quantize" => {
                 let value = args.next().unwrap_or_default();
-                let quantize = QuantizeArg::from_str(&value, true).map_err(anyhow::Error::msg)?;
-                runtime.quantization = Some(quantize.quantization());
+                let format: QuantFormat = value.parse().map_err(anyhow::Error::msg)?;
+                runtime.quantization = Some(Quantization::of(format));
             }
             // Where the CLI keeps packed weights: the first run writes the
             // cache, later runs time the layers as mapped from it.

@@ -1,37 +1,44 @@
 //! `caption`: caption images and answer questions about them with BLIP and
-//! BLIP-2, run natively with candle.
+//! BLIP-2, run natively with candle, with the same results as transformers.
 //!
-//! The pipeline, one module per stage: [`registry`] and [`hub`] turn a model
-//! reference into local files, [`weights`] and [`models`] load them,
-//! [`image`] decodes and preprocesses pictures exactly as transformers does,
-//! [`generate`] runs the decoding loop, [`output`] writes the results.
-//! [`Captioner`] ties them together; the `caption` binary is a thin CLI over it.
+//! Open a model by alias, Hub id or folder and caption pictures with the
+//! model's own decoding defaults:
+//!
+//! ```
+//! use caption::{Captioner, Options};
+//!
+//! # fn main() -> anyhow::Result<()> {
+//! // `demo` is a tiny model built into the library: no download needed.
+//! let captioner = Captioner::open("demo", &Options::default())?;
+//! let captions = captioner.caption_paths(["examples/shapes_1.png"])?;
+//! assert_eq!(captions[0][0].text, "a small yellow square on a gray background");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The pipeline, one module per stage: [`resolve`] turns a model reference
+//! into local files, [`load`] reads them (checkpoint tensors, tokenizer,
+//! the weight cache), [`image`] decodes and preprocesses pictures exactly
+//! as transformers does, [`nn`] holds the layers (and picks the CPU
+//! kernels of `caption-kernels`), [`models`] the model families,
+//! [`generate`] the decoding loop, [`captioner`] a loaded model behind one
+//! interface, [`batch`] runs it over many inputs and [`output`] writes the
+//! results. The `caption` binary is a thin CLI over this library.
 
-pub mod bundled;
+pub mod batch;
 pub mod captioner;
-pub mod chat;
-pub mod cli;
-pub mod fetch;
 pub mod generate;
-pub mod hub;
 pub mod image;
-pub mod inputs;
+pub mod load;
 pub mod models;
+pub mod nn;
 pub mod output;
-pub mod registry;
-pub mod sidecar;
-pub mod tokenizer;
-pub mod weights;
+pub mod resolve;
 
 pub use captioner::blip2::{Conversation, Reply, Turn};
-pub use captioner::{Answer, Caption, CaptionRequest, Captioner, RuntimeOptions};
+pub use captioner::{Answer, Caption, CaptionRequest, Captioner, Options, RuntimeOptions};
 
-use std::path::Path;
-
-use anyhow::{bail, Result};
-
-use hub::{HubModel, ModelSource};
-use registry::{Entry, Registry};
+pub use resolve::resolve_model;
 
 /// Tells the allocator to keep freed memory for reuse. Every tensor op
 /// allocates its output; glibc maps blocks past its mmap threshold (at most
@@ -51,32 +58,4 @@ pub fn tune_allocator() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 * 1024 * 1024);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
-}
-
-/// Resolves `--model`: an existing local folder, else an alias from the
-/// registry, else a Hub repository id (`owner/name[@revision]`).
-pub fn resolve_model<'r>(
-    spec: &str,
-    registry: &'r Registry,
-) -> Result<(ModelSource, Option<&'r Entry>)> {
-    let path = Path::new(spec);
-    if path.is_dir() {
-        return Ok((ModelSource::Folder(path.to_path_buf()), None));
-    }
-    if let Some(entry) = registry.get(spec) {
-        return Ok((entry.source()?, Some(entry)));
-    }
-    if path.exists() {
-        bail!("--model {spec} is a file; give the folder that holds config.json and the weights");
-    }
-    if spec.starts_with(['.', '/', '~']) {
-        bail!("model folder {spec} does not exist");
-    }
-    if let Some(model) = HubModel::parse(spec) {
-        return Ok((ModelSource::Hub(model), None));
-    }
-    bail!(
-        "unknown model `{spec}`: not a folder, not an alias ({}), not a Hub id like owner/name",
-        registry.names().collect::<Vec<_>>().join(", ")
-    )
 }

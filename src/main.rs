@@ -5,12 +5,14 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+mod cli;
+
 fn main() -> ExitCode {
     caption::tune_allocator();
-    let cli = caption::cli::Cli::parse();
-    match caption::cli::run(cli) {
+    let cli = cli::Cli::parse();
+    match cli::run(cli) {
         Ok(status) => status.exit_code(),
-        Err(err) if caption::cli::is_broken_pipe(&err) => ExitCode::SUCCESS,
+        Err(err) if cli::is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("caption: {err:#}");
             ExitCode::from(2)

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use caption::generate::GenerationConfig;
-use caption::hub::{self, ModelSource};
+use caption::resolve::hub::{self, ModelSource};
 use caption::{CaptionRequest, Captioner, RuntimeOptions};
 use common::max_abs_diff;
 use common::{image, load};

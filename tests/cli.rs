@@ -634,7 +634,7 @@ fn images_can_be_given_as_urls() {
     );
     assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
     // The size cap.
-    let err = caption::fetch::download(&good, 100).unwrap_err();
+    let err = caption::batch::fetch::download(&good, 100).unwrap_err();
     assert!(err.contains("larger than 100 bytes"), "{err}");
 }
 
@@ -667,7 +667,7 @@ fn the_first_run_saves_the_weight_cache_and_later_runs_use_it() {
     assert_eq!(run(&["--no-weight-cache"]), "");
     assert!(files().is_empty(), "{:?}", files());
     let first = run(&[]);
-    if !caption::models::gemm::available() {
+    if !caption::nn::packed_kernels_available() {
         assert_eq!(first, "");
         assert!(files().is_empty(), "{:?}", files());
         return;

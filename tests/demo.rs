@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use caption::generate::GenerationConfig;
-use caption::hub::{self, ModelSource};
 use caption::image::LoadOptions;
+use caption::resolve::hub::{self, ModelSource};
 use caption::{CaptionRequest, Captioner, RuntimeOptions};
 use serde::Deserialize;
 

@@ -7,13 +7,13 @@
 
 mod common;
 
-use caption::models::gemm;
 use caption::RuntimeOptions;
+use caption_kernels::gemm_f32 as gemm;
 use common::demo_outputs::{disagreements, outcomes, Outcome};
 
 #[test]
 fn portable_kernels_give_the_float32_text_everywhere() {
-    gemm::use_portable_kernels();
+    caption::nn::use_portable_kernels();
     assert!(!gemm::available());
     let outcomes = outcomes(&RuntimeOptions::default());
     assert!(outcomes.len() > 300, "{} outputs", outcomes.len());

@@ -1,4 +1,4 @@
-//! The weight cache (`caption::models::pack_cache`): linear layers packed
+//! The weight cache (`caption::load::weight_cache`): linear layers packed
 //! for the CPU kernels, saved by the first load and mapped by later ones.
 //! What a user relies on: a model loaded from the cache answers exactly as
 //! one packed afresh (the float32 demo outputs: transformers' own, all 352),
@@ -14,10 +14,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::DType;
 use caption::captioner::{Captioner, QuantFormat, Quantization, RuntimeOptions};
-use caption::hub::{self, ModelSource};
-use caption::models::pack_cache::Outcome;
-use caption::models::{gemm, gemm_bf16};
+use caption::load::weight_cache::Outcome;
+use caption::resolve::hub::{self, ModelSource};
 use caption::CaptionRequest;
+use caption_kernels::{gemm_bf16, gemm_f32 as gemm};
 use common::demo_outputs::{disagreements, outcomes};
 
 fn cached(dir: &Path, dtype: Option<DType>) -> RuntimeOptions {

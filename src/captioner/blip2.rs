@@ -14,12 +14,11 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
-use super::on_pool;
+use super::{on_pool, Caption, Captioner};
 use crate::generate::{self, Decoder, GenerationConfig, Limits, DEFAULT_MAX_NEW_TOKENS};
+use crate::load::tokenizer::TextCodec;
 use crate::models::blip2::Blip2ForConditionalGeneration;
 use crate::models::opt::{OptCache, OptForCausalLM};
-use crate::tokenizer::TextCodec;
-use crate::{Caption, Captioner};
 
 /// The question template of BLIP-2 OPT checkpoints (the BLIP-2 paper's VQA
 /// prompt), used when models.toml names none.

@@ -2,6 +2,9 @@
 //! the library's main entry point.
 
 pub mod blip2;
+mod open;
+
+pub use open::Options;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,18 +13,18 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::generate::{self, Decoder, GenerationConfig, GenerationDefaults, Limits};
-use crate::hub::{ModelFiles, ModelSource};
 use crate::image::PreprocessConfig;
+use crate::load::tokenizer::TextCodec;
+use crate::load::weight_cache::{self, WeightCache};
+use crate::load::weights;
 use crate::models::blip::{
     BlipConfig, BlipForConditionalGeneration, BlipForQuestionAnswering, DecoderState, TextDecoder,
 };
 use crate::models::blip2::{Blip2Config, Blip2ForConditionalGeneration};
-use crate::models::pack_cache::{self, PackCache};
-use crate::models::{gemm, gemm_bf16, gemm_q8, LinearOptions};
-pub use crate::models::{QuantFormat, Quantization};
-use crate::registry::Family;
-use crate::tokenizer::TextCodec;
-use crate::weights;
+use crate::nn::{packing_settings, LinearOptions};
+pub use crate::nn::{QuantFormat, Quantization};
+use crate::resolve::hub::{ModelFiles, ModelSource};
+use crate::resolve::registry::Family;
 
 /// Where and in what precision to run.
 #[derive(Debug, Clone)]
@@ -32,10 +35,10 @@ pub struct RuntimeOptions {
     pub dtype: Option<DType>,
     /// Quantize linear-layer weights at load (`--quantize`; CPU only).
     pub quantization: Option<Quantization>,
-    /// The folder of the weight cache (see [`crate::models::pack_cache`]):
+    /// The folder of the weight cache (see [`crate::load::weight_cache`]):
     /// linear layers packed for the CPU kernels, saved by the first load and
     /// mapped by later ones. `None`, the library's default, packs at every
-    /// load; the CLI's default is [`crate::bundled::cache_root`]`/packed`.
+    /// load; the CLI's default is [`crate::resolve::bundled::cache_root`]`/packed`.
     pub pack_cache: Option<std::path::PathBuf>,
 }
 
@@ -95,16 +98,19 @@ pub struct Captioner {
     preprocess: PreprocessConfig,
     device: Device,
     dtype: DType,
+    /// Decoding defaults from the checkpoint's generation_config.json.
     generation_defaults: GenerationDefaults,
+    /// Decoding defaults of the alias the model was opened by (models.toml).
+    alias_generation: GenerationDefaults,
     notes: Vec<String>,
     /// BLIP-2: how `--ask` turns a question into a prompt (`{}` is the question).
     question_template: String,
     /// What the weight cache did at load, when there was one.
-    weight_cache: Option<pack_cache::Outcome>,
+    weight_cache: Option<weight_cache::Outcome>,
 }
 
 impl Captioner {
-    /// Loads the model in `files` (from [`crate::hub::fetch`]).
+    /// Loads the model in `files` (from [`crate::resolve::hub::fetch`]).
     pub fn load(files: &ModelFiles, runtime: &RuntimeOptions) -> Result<Self> {
         let config_text = read(&files.config)?;
         let config_json: serde_json::Value = serde_json::from_str(&config_text)
@@ -150,7 +156,7 @@ impl Captioner {
         let pack_cache = open_pack_cache(files, runtime, dtype, &config_text)?;
         parsed.set_linear_options(LinearOptions {
             quantization: runtime.quantization,
-            pack_cache: pack_cache.clone(),
+            weight_cache: pack_cache.clone(),
         });
         let preprocess = load_preprocess_config(&files.image_processor)?;
         let image_size = parsed.image_size();
@@ -204,7 +210,7 @@ impl Captioner {
                 }
             }
         };
-        let weight_cache = match pack_cache.as_deref().map(PackCache::finish) {
+        let weight_cache = match pack_cache.as_deref().map(WeightCache::finish) {
             Some(Ok(outcome)) => {
                 notes.extend(pack_cache_note(&outcome));
                 Some(outcome)
@@ -222,6 +228,7 @@ impl Captioner {
             device: runtime.device.clone(),
             dtype,
             generation_defaults,
+            alias_generation: GenerationDefaults::default(),
             notes,
             question_template: blip2::DEFAULT_QUESTION_TEMPLATE.to_string(),
             weight_cache,
@@ -255,7 +262,7 @@ impl Captioner {
     /// asked for, not on the CPU, a pickle checkpoint, or neither kernels
     /// nor `--quantize` to save anything for) or saving it failed (a note
     /// says why).
-    pub fn weight_cache(&self) -> Option<&pack_cache::Outcome> {
+    pub fn weight_cache(&self) -> Option<&weight_cache::Outcome> {
         self.weight_cache.as_ref()
     }
 
@@ -680,29 +687,18 @@ fn open_pack_cache(
     runtime: &RuntimeOptions,
     dtype: DType,
     config_text: &str,
-) -> Result<Option<Arc<PackCache>>> {
-    let (Some(dir), crate::hub::WeightFiles::Safetensors(weights)) =
+) -> Result<Option<Arc<WeightCache>>> {
+    let (Some(dir), crate::resolve::hub::WeightFiles::Safetensors(weights)) =
         (&runtime.pack_cache, &files.weights)
     else {
         return Ok(None);
     };
-    let kernels = (gemm::available(), gemm_bf16::available());
-    let nothing_to_save = kernels == (false, false) && runtime.quantization.is_none();
-    if !runtime.device.is_cpu() || nothing_to_save {
+    if !runtime.device.is_cpu() {
         return Ok(None);
     }
-    let mut settings = format!(
-        "dtype {dtype:?}, quantization {:?}, kernels f32 {} bf16 {}",
-        runtime.quantization, kernels.0, kernels.1
-    );
-    // q8_0 layers are saved as our kernel's panels where it runs, as
-    // candle's blocks elsewhere (only q8_0 caches are told apart by this).
-    if runtime
-        .quantization
-        .is_some_and(|q| q.format == QuantFormat::Q8_0)
-    {
-        settings.push_str(&format!(" q8_0 {}", gemm_q8::available()));
-    }
+    let Some(settings) = packing_settings(dtype, runtime.quantization) else {
+        return Ok(None);
+    };
     let label = match &files.source {
         ModelSource::Hub(model) => model.repo.clone(),
         ModelSource::Folder(dir) => std::fs::canonicalize(dir)
@@ -710,19 +706,19 @@ fn open_pack_cache(
             .display()
             .to_string(),
     };
-    let source = pack_cache::Source {
+    let source = weight_cache::Source {
         label: &label,
         weights,
         config_json: config_text,
         settings: &settings,
     };
-    Ok(Some(Arc::new(PackCache::open(dir, &source)?)))
+    Ok(Some(Arc::new(WeightCache::open(dir, &source)?)))
 }
 
 /// What a user should hear about the weight cache after a load: that it
 /// was written (once per model and setting).
-fn pack_cache_note(outcome: &pack_cache::Outcome) -> Option<String> {
-    let pack_cache::Outcome::Written {
+fn pack_cache_note(outcome: &weight_cache::Outcome) -> Option<String> {
+    let weight_cache::Outcome::Written {
         path,
         bytes,
         replaced,

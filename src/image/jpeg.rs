@@ -30,7 +30,7 @@ use image::metadata::Orientation;
 use image::{DynamicImage, RgbImage};
 use mozjpeg_sys as ffi;
 
-use super::load::{ImageError, LoadOptions};
+use super::limits::{check_dimensions, ImageError, LoadOptions};
 
 /// Decode a whole JPEG file held in memory to 8-bit RGB, as Pillow's `convert("RGB")` would
 /// (rotated per its EXIF orientation if `opts.exif_rotate`).
@@ -171,7 +171,7 @@ unsafe fn decode_unwinding(
     // Reads up to the first scan; nothing image-sized is allocated yet.
     ffi::jpeg_read_header(cinfo, 1);
     let (width, height) = (cinfo.image_width, cinfo.image_height);
-    super::load::check_dimensions(width, height, opts)?;
+    check_dimensions(width, height, opts)?;
     if jpeg_is_truncated(bytes) {
         return Err(ImageError::Corrupt(
             "JPEG data ends before its end-of-image marker (truncated file)".into(),

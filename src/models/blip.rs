@@ -12,15 +12,14 @@
 //! BLIP-base).
 
 use anyhow::Context;
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::Deserialize;
 
-use super::kernels::residual_add;
-use super::{
-    attention_amx, causal_mask, gemm, gemm_bf16, kernels, last_position, layer_norm, linear,
-    merge_heads, scaled_dot_product_attention, split_heads, Activation, KvCache, LayerNorm, Linear,
-    TokenEmbedding,
+use super::bert::{BertAttention, BertAttentionShape};
+use crate::nn::{
+    causal_mask, fused_qkv_attention, last_position, layer_norm, linear, linear_no_bias,
+    residual_add, Activation, KvCache, LayerNorm, Linear, LinearOptions, TokenEmbedding,
 };
 
 // ---------------------------------------------------------------------------
@@ -53,7 +52,7 @@ pub struct VisionConfig {
     /// How linear weights are held in memory (`--quantize`, the pack
     /// cache); not read from config.json, set by the loader.
     #[serde(skip)]
-    pub linear: super::LinearOptions,
+    pub linear: LinearOptions,
 }
 
 impl VisionConfig {
@@ -110,7 +109,7 @@ pub struct TextConfig {
     /// How linear weights are held in memory (`--quantize`, the pack
     /// cache); not read from config.json, set by the loader.
     #[serde(skip)]
-    pub linear: super::LinearOptions,
+    pub linear: LinearOptions,
 }
 
 impl TextConfig {
@@ -296,7 +295,7 @@ impl VisionAttention {
             qkv: if cfg.qkv_bias {
                 linear(d, 3 * d, &cfg.linear, vb.pp("qkv"))?
             } else {
-                super::linear_no_bias(d, 3 * d, &cfg.linear, vb.pp("qkv"))?
+                linear_no_bias(d, 3 * d, &cfg.linear, vb.pp("qkv"))?
             },
             projection: linear(d, d, &cfg.linear, vb.pp("projection"))?,
             num_heads: cfg.num_attention_heads,
@@ -305,53 +304,9 @@ impl VisionAttention {
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let (b, t, d) = xs.dims3()?;
-        let head_dim = d / self.num_heads;
         let qkv = self.qkv.forward(xs)?;
-        if qkv.device().is_cpu()
-            && qkv.dtype() == DType::BF16
-            && attention_amx::FusedSelfAttentionBf16::fits(head_dim)
-        {
-            // bf16 on AMX tiles, in place of widening to f32 for the kernel
-            // below and rounding back (BLIP-base vision at batch 1 on a
-            // 2-vCPU AMX Xeon: 0.20 s to 0.18 s).
-            let fused = attention_amx::FusedSelfAttentionBf16 {
-                heads: self.num_heads,
-                scale: self.scale as f32,
-            };
-            let context = qkv.contiguous()?.apply_op1_no_bwd(&fused)?;
-            return self.projection.forward(&context);
-        }
-        let fused_kernel = qkv.device().is_cpu()
-            && match qkv.dtype() {
-                DType::F32 => gemm::available(),
-                // bf16 projections widened to f32 for the same kernel:
-                // candle's bf16 matmul is slower than the widening, and the
-                // attention is then computed more exactly than bf16 would.
-                DType::BF16 => gemm_bf16::available(),
-                _ => false,
-            };
-        if fused_kernel {
-            let fused = gemm::FusedSelfAttention {
-                heads: self.num_heads,
-                scale: self.scale as f32,
-            };
-            let context = qkv
-                .to_dtype(DType::F32)?
-                .contiguous()?
-                .apply_op1_no_bwd(&fused)?
-                .to_dtype(qkv.dtype())?;
-            return self.projection.forward(&context);
-        }
-        // [b, t, 3, heads, hd] -> [3, b, heads, t, hd], as transformers permutes.
-        let qkv = qkv
-            .reshape((b, t, 3, self.num_heads, head_dim))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = qkv.get(0)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let context = scaled_dot_product_attention(&q, &k, &v, self.scale, None)?;
-        self.projection.forward(&merge_heads(&context)?)
+        let context = fused_qkv_attention(&qkv, self.num_heads, self.scale)?;
+        self.projection.forward(&context)
     }
 }
 
@@ -519,90 +474,25 @@ impl TextEmbeddings {
     }
 }
 
-/// `BlipTextSelfAttention` + `BlipTextSelfOutput` (the `attention` or
-/// `crossattention` block of a layer): projections, then dense + residual + LayerNorm.
-#[derive(Debug, Clone)]
-struct TextAttention {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    output_dense: Linear,
-    output_layer_norm: LayerNorm,
-    num_heads: usize,
-    scale: f64,
-}
-
-impl TextAttention {
-    /// `kv_dim` is the width keys and values are computed from: the text width
-    /// for self-attention, the image width for cross-attention.
-    fn new(cfg: &TextConfig, kv_dim: usize, vb: VarBuilder) -> Result<Self> {
-        let d = cfg.hidden_size;
-        let heads = cfg.num_attention_heads();
-        let self_vb = vb.pp("self");
-        Ok(Self {
-            query: linear(d, d, &cfg.linear, self_vb.pp("query"))?,
-            key: linear(kv_dim, d, &cfg.linear, self_vb.pp("key"))?,
-            value: linear(kv_dim, d, &cfg.linear, self_vb.pp("value"))?,
-            output_dense: linear(d, d, &cfg.linear, vb.pp("output.dense"))?,
-            output_layer_norm: layer_norm(d, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
-            num_heads: heads,
-            scale: 1.0 / ((d / heads) as f64).sqrt(),
-        })
-    }
-
-    /// Keys and values of `states`, split into heads.
-    fn key_value(&self, states: &Tensor) -> Result<(Tensor, Tensor)> {
-        Ok((
-            split_heads(&self.key.forward(states)?, self.num_heads)?,
-            split_heads(&self.value.forward(states)?, self.num_heads)?,
-        ))
-    }
-
-    /// Attends from `hidden` to `(k, v)` and applies the output block.
-    fn attend(
-        &self,
-        hidden: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mask: Option<&Tensor>,
-    ) -> Result<Tensor> {
-        let q = split_heads(&self.query.forward(hidden)?, self.num_heads)?;
-        let context = scaled_dot_product_attention(&q, k, v, self.scale, mask)?;
-        self.output(&context, hidden)
-    }
-
-    /// Cross-attention: row `r` of `hidden` reads row `kv_index[r]` of `(k,
-    /// v)`, so the beams of one image share its keys and values.
-    fn attend_shared(
-        &self,
-        hidden: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        kv_index: &[u32],
-    ) -> Result<Tensor> {
-        let q = split_heads(&self.query.forward(hidden)?, self.num_heads)?;
-        let context = if q.dim(2)? == 1 {
-            kernels::single_query_attention(&q, k, v, kv_index, self.scale)?
-        } else {
-            kernels::reference_attention(&q, k, v, kv_index, self.scale)?
-        };
-        self.output(&context, hidden)
-    }
-
-    /// `BlipTextSelfOutput`: dense, residual, LayerNorm.
-    fn output(&self, context: &Tensor, hidden: &Tensor) -> Result<Tensor> {
-        let projected = self.output_dense.forward(&merge_heads(context)?)?;
-        self.output_layer_norm
-            .forward(&residual_add(&projected, hidden)?)
-    }
+/// `BlipTextAttention` (a layer's `attention` or `crossattention`): a BERT
+/// attention block with its projections under `self`; `kv_dim` is the width
+/// keys and values are computed from (the text's, or the image's).
+fn text_attention(cfg: &TextConfig, kv_dim: usize, vb: VarBuilder) -> Result<BertAttention> {
+    let shape = BertAttentionShape {
+        hidden_size: cfg.hidden_size,
+        kv_dim,
+        num_heads: cfg.num_attention_heads(),
+        layer_norm_eps: cfg.layer_norm_eps,
+    };
+    BertAttention::new(shape, "self", &cfg.linear, vb)
 }
 
 /// `BlipTextLayer` of the decoder: causal self-attention, cross-attention to the
 /// image, feed-forward (`intermediate` + `output`).
 #[derive(Debug, Clone)]
 struct TextLayer {
-    attention: TextAttention,
-    crossattention: TextAttention,
+    attention: BertAttention,
+    crossattention: BertAttention,
     intermediate: Linear,
     act: Activation,
     output_dense: Linear,
@@ -613,8 +503,8 @@ impl TextLayer {
     fn new(cfg: &TextConfig, vb: VarBuilder) -> anyhow::Result<Self> {
         let d = cfg.hidden_size;
         Ok(Self {
-            attention: TextAttention::new(cfg, d, vb.pp("attention"))?,
-            crossattention: TextAttention::new(
+            attention: text_attention(cfg, d, vb.pp("attention"))?,
+            crossattention: text_attention(
                 cfg,
                 cfg.encoder_hidden_size(),
                 vb.pp("crossattention"),

@@ -16,11 +16,10 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
+use super::bert::{BertAttention, BertAttentionShape};
 use super::blip::{self, VisionModel};
-use super::kernels::residual_add;
 use super::opt::{OptConfig, OptForCausalLM};
-use super::{layer_norm, linear, merge_heads, scaled_dot_product_attention, split_heads, Linear};
-use super::{Activation, LayerNorm};
+use crate::nn::{layer_norm, linear, residual_add, Activation, LayerNorm, Linear, LinearOptions};
 
 // ---------------------------------------------------------------------------
 // Configuration (config.json)
@@ -50,7 +49,7 @@ pub struct Blip2VisionConfig {
     /// How linear weights are held in memory (`--quantize`, the pack
     /// cache); not read from config.json, set by the loader.
     #[serde(skip)]
-    pub linear: super::LinearOptions,
+    pub linear: LinearOptions,
 }
 
 impl Blip2VisionConfig {
@@ -93,7 +92,7 @@ pub struct QFormerConfig {
     /// How linear weights are held in memory (`--quantize`, the pack
     /// cache); not read from config.json, set by the loader.
     #[serde(skip)]
-    pub linear: super::LinearOptions,
+    pub linear: LinearOptions,
 }
 
 /// `Blip2Config`: the top-level config.json of a BLIP-2 checkpoint.
@@ -212,48 +211,18 @@ mod defaults {
 // Q-Former (Blip2QFormerModel)
 // ---------------------------------------------------------------------------
 
-/// `Blip2QFormerAttention`: `attention` (`Blip2QFormerMultiHeadAttention`) and
-/// `output` (`Blip2QFormerSelfOutput`: dense, residual, LayerNorm). Never masked:
-/// the queries see each other and every image token.
-#[derive(Debug, Clone)]
-struct QFormerAttention {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    output_dense: Linear,
-    output_layer_norm: LayerNorm,
-    num_heads: usize,
-    scale: f64,
-}
-
-impl QFormerAttention {
-    /// `kv_dim`: the width keys and values are read from (the Q-Former's own
-    /// for self-attention, the vision width for cross-attention).
-    fn new(cfg: &QFormerConfig, kv_dim: usize, vb: VarBuilder) -> Result<Self> {
-        let d = cfg.hidden_size;
-        let attention = vb.pp("attention");
-        Ok(Self {
-            query: linear(d, d, &cfg.linear, attention.pp("query"))?,
-            key: linear(kv_dim, d, &cfg.linear, attention.pp("key"))?,
-            value: linear(kv_dim, d, &cfg.linear, attention.pp("value"))?,
-            output_dense: linear(d, d, &cfg.linear, vb.pp("output.dense"))?,
-            output_layer_norm: layer_norm(d, cfg.layer_norm_eps, vb.pp("output.LayerNorm"))?,
-            num_heads: cfg.num_attention_heads,
-            scale: ((d / cfg.num_attention_heads) as f64).powf(-0.5),
-        })
-    }
-
-    /// Attends from `hidden` to `states` (to `hidden` itself for self-attention).
-    fn forward(&self, hidden: &Tensor, states: &Tensor) -> Result<Tensor> {
-        let q = split_heads(&self.query.forward(hidden)?, self.num_heads)?;
-        let k = split_heads(&self.key.forward(states)?, self.num_heads)?;
-        let v = split_heads(&self.value.forward(states)?, self.num_heads)?;
-        let context = merge_heads(&scaled_dot_product_attention(&q, &k, &v, self.scale, None)?)?;
-        self.output_layer_norm.forward(&residual_add(
-            &self.output_dense.forward(&context)?,
-            hidden,
-        )?)
-    }
+/// `Blip2QFormerAttention`: a BERT attention block with its projections
+/// under `attention`, never masked (the queries see each other and every
+/// image token); `kv_dim` is the width keys and values are read from (the
+/// Q-Former's own, or the vision width).
+fn qformer_attention(cfg: &QFormerConfig, kv_dim: usize, vb: VarBuilder) -> Result<BertAttention> {
+    let shape = BertAttentionShape {
+        hidden_size: cfg.hidden_size,
+        kv_dim,
+        num_heads: cfg.num_attention_heads,
+        layer_norm_eps: cfg.layer_norm_eps,
+    };
+    BertAttention::new(shape, "attention", &cfg.linear, vb)
 }
 
 /// `Blip2QFormerLayer` as run on the query tokens alone (no text input): self-
@@ -261,8 +230,8 @@ impl QFormerAttention {
 /// then the query feed-forward (`intermediate_query`, `output_query`).
 #[derive(Debug, Clone)]
 struct QFormerLayer {
-    attention: QFormerAttention,
-    crossattention: Option<QFormerAttention>,
+    attention: BertAttention,
+    crossattention: Option<BertAttention>,
     intermediate_query: Linear,
     act: Activation,
     output_query_dense: Linear,
@@ -279,10 +248,10 @@ impl QFormerLayer {
         let d = cfg.hidden_size;
         let crossattention = index
             .is_multiple_of(cfg.cross_attention_frequency)
-            .then(|| QFormerAttention::new(cfg, vision_width, vb.pp("crossattention")))
+            .then(|| qformer_attention(cfg, vision_width, vb.pp("crossattention")))
             .transpose()?;
         Ok(Self {
-            attention: QFormerAttention::new(cfg, d, vb.pp("attention"))?,
+            attention: qformer_attention(cfg, d, vb.pp("attention"))?,
             crossattention,
             intermediate_query: linear(
                 d,

@@ -12,10 +12,9 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use super::kernels::residual_add;
-use super::{
-    causal_mask, last_position, merge_heads, scaled_dot_product_attention, split_heads, Activation,
-    KvCache, LayerNorm, Linear, TokenEmbedding,
+use crate::nn::{
+    causal_mask, last_position, merge_heads, residual_add, scaled_dot_product_attention,
+    split_heads, Activation, KvCache, LayerNorm, Linear, LinearOptions, TokenEmbedding,
 };
 
 /// `OPTConfig`; defaults are transformers' for keys a checkpoint omits.
@@ -61,7 +60,7 @@ pub struct OptConfig {
     /// How linear weights are held in memory (`--quantize`, the pack
     /// cache); not read from config.json, set by the loader.
     #[serde(skip)]
-    pub linear: super::LinearOptions,
+    pub linear: LinearOptions,
 }
 
 /// A config field that holds one token id or a list of them.
@@ -129,7 +128,7 @@ fn opt_layer_norm(cfg: &OptConfig, vb: VarBuilder) -> Result<LayerNorm> {
     const TORCH_DEFAULT_EPS: f64 = 1e-5;
     let d = cfg.hidden_size;
     if cfg.layer_norm_elementwise_affine {
-        super::layer_norm(d, TORCH_DEFAULT_EPS, vb)
+        crate::nn::layer_norm(d, TORCH_DEFAULT_EPS, vb)
     } else {
         let ones = Tensor::ones(d, vb.dtype(), vb.device())?;
         let zeros = Tensor::zeros(d, vb.dtype(), vb.device())?;
@@ -140,9 +139,9 @@ fn opt_layer_norm(cfg: &OptConfig, vb: VarBuilder) -> Result<LayerNorm> {
 /// `nn.Linear(in, out, bias=enable_bias)`.
 fn opt_linear(cfg: &OptConfig, in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
     if cfg.enable_bias {
-        super::linear(in_dim, out_dim, &cfg.linear, vb)
+        crate::nn::linear(in_dim, out_dim, &cfg.linear, vb)
     } else {
-        super::linear_no_bias(in_dim, out_dim, &cfg.linear, vb)
+        crate::nn::linear_no_bias(in_dim, out_dim, &cfg.linear, vb)
     }
 }
 

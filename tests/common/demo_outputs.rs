@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 
 use caption::generate::GenerationConfig;
-use caption::hub::{self, ModelSource};
 use caption::image::LoadOptions;
+use caption::resolve::hub::{self, ModelSource};
 use caption::{CaptionRequest, Captioner, RuntimeOptions};
 use serde::Deserialize;
 

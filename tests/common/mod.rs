@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use caption::hub::{self, ModelSource};
 use caption::image::LoadOptions;
+use caption::resolve::hub::{self, ModelSource};
 use caption::{Captioner, RuntimeOptions};
 use serde::Deserialize;
 

@@ -19,9 +19,9 @@ use std::sync::{Arc, Mutex};
 /// # Safety
 /// Implementors are plain numbers: no padding, every bit pattern (all
 /// zeros included) a valid value, and an alignment that divides a page.
-pub(super) unsafe trait PanelRowType: Copy + Send + Sync + 'static {}
+pub unsafe trait PanelRowType: Copy + Send + Sync + 'static {}
 
-pub(super) enum Panels<R> {
+pub enum Panels<R> {
     Heap(Vec<R>),
     Mapped {
         map: memmap2::MmapMut,
@@ -46,12 +46,12 @@ pub(super) enum Panels<R> {
 impl<R: PanelRowType> Panels<R> {
     /// `len` zeroed rows in a mapping of their own (on the heap when there
     /// is nothing to map, or no mapping to be had).
-    pub(super) fn zeroed(len: usize) -> Self {
+    pub(crate) fn zeroed(len: usize) -> Self {
         Self::zeroed_in(len, None)
     }
 
     /// [`Self::zeroed`], in `file` where it has room for them.
-    pub(super) fn zeroed_in(len: usize, file: Option<&Arc<PanelFile>>) -> Self {
+    pub(crate) fn zeroed_in(len: usize, file: Option<&Arc<PanelFile>>) -> Self {
         let bytes = len * std::mem::size_of::<R>();
         if let Some((map, offset)) = file.and_then(|file| file.allocate(bytes)) {
             return Self::InFile {
@@ -78,7 +78,7 @@ impl<R: PanelRowType> Panels<R> {
     /// `len` rows at byte `offset` of `file`, recorded there as `bytes`
     /// long; `None` unless that is exactly `len` rows, lying whole and
     /// aligned inside the file.
-    pub(super) fn cached(
+    pub(crate) fn cached(
         file: Arc<memmap2::Mmap>,
         offset: usize,
         bytes: usize,
@@ -93,7 +93,7 @@ impl<R: PanelRowType> Panels<R> {
         })
     }
 
-    pub(super) fn as_slice(&self) -> &[R] {
+    pub(crate) fn as_slice(&self) -> &[R] {
         match self {
             Self::Heap(rows) => rows,
             // SAFETY: the map is page-aligned, holds `len` rows' bytes, and
@@ -110,7 +110,7 @@ impl<R: PanelRowType> Panels<R> {
     }
 
     /// The rows to pack into: only freshly made stores are written.
-    pub(super) fn as_mut_slice(&mut self) -> &mut [R] {
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [R] {
         match self {
             Self::Heap(rows) => rows,
             // SAFETY: as in `as_slice`, and `&mut self` makes it unique.
@@ -122,7 +122,7 @@ impl<R: PanelRowType> Panels<R> {
     }
 
     /// Where the rows lie in `file`, when they were packed into it.
-    pub(super) fn range_in(&self, file: &Arc<PanelFile>) -> Option<[u64; 2]> {
+    pub(crate) fn range_in(&self, file: &Arc<PanelFile>) -> Option<[u64; 2]> {
         match self {
             Self::InFile {
                 file: home,
@@ -135,7 +135,7 @@ impl<R: PanelRowType> Panels<R> {
     }
 
     /// The rows' bytes, as the pack cache writes them.
-    pub(super) fn as_bytes(&self) -> &[u8] {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
         let rows = self.as_slice();
         // SAFETY: R has no padding (the trait's contract): every byte is initialised.
         unsafe {
@@ -156,7 +156,7 @@ impl<R: PanelRowType> Clone for Panels<R> {
 /// cache's file in the making. Ranges are reserved on disk before they are
 /// mapped (a write fault on a full disk would kill the process), at 2 MiB
 /// offsets when they are that large, so the file comes back as huge pages.
-pub(crate) struct PanelFile {
+pub struct PanelFile {
     file: std::fs::File,
     /// The end of the last range handed out or appended.
     end: Mutex<u64>,
@@ -169,7 +169,7 @@ const PAGE: u64 = 4096;
 const HUGE_PAGE: u64 = 2 << 20;
 
 impl PanelFile {
-    pub(crate) fn new(file: std::fs::File, room: Box<dyn Fn(u64) -> bool + Send + Sync>) -> Self {
+    pub fn new(file: std::fs::File, room: Box<dyn Fn(u64) -> bool + Send + Sync>) -> Self {
         Self {
             file,
             end: Mutex::new(0),
@@ -236,7 +236,7 @@ impl PanelFile {
 
     /// Writes `bytes` after everything so far (page-aligned when `aligned`);
     /// their range.
-    pub(crate) fn append(&self, bytes: &[u8], aligned: bool) -> std::io::Result<[u64; 2]> {
+    pub fn append(&self, bytes: &[u8], aligned: bool) -> std::io::Result<[u64; 2]> {
         use std::io::{Seek, SeekFrom, Write};
         let offset = self.claim(bytes.len() as u64, if aligned { PAGE } else { 1 });
         let mut file = &self.file;
@@ -246,12 +246,12 @@ impl PanelFile {
     }
 
     /// Cuts the file to what was handed out and appended: reserving rounds up.
-    pub(crate) fn trim(&self) -> std::io::Result<()> {
-        self.file.set_len(self.len())
+    pub fn trim(&self) -> std::io::Result<()> {
+        self.file.set_len(self.bytes_so_far())
     }
 
     /// Bytes the file holds so far.
-    pub(crate) fn len(&self) -> u64 {
+    pub fn bytes_so_far(&self) -> u64 {
         *self.end.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

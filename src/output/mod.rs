@@ -1,5 +1,8 @@
 //! Results on stdout, one writer per format. stdout carries data only; what
-//! people need to read (errors, notes) goes to stderr elsewhere.
+//! people need to read (errors, notes) goes to stderr elsewhere. Captions
+//! beside their images: [`sidecar`].
+
+pub mod sidecar;
 
 use std::io::{self, Write};
 

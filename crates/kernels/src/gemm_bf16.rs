@@ -5,7 +5,7 @@
 //! CPUs with AVX512-BF16 (Zen 4 and later, Cooper Lake, Sapphire Rapids)
 //! have `VDPBF16PS`: 16 lanes, each adding two bf16 products to an f32 sum,
 //! twice the work of a float32 FMA per instruction. The weights are packed
-//! once at load, as in [`super::gemm`], but in pairs of depths: a packed row
+//! once at load, as in [`crate::gemm_f32`], but in pairs of depths: a packed row
 //! holds depths `2p` and `2p + 1` of 32 output columns (64 bf16, two
 //! registers), and each row of `a` gives its two values at those depths as
 //! one broadcast 32-bit word.
@@ -30,53 +30,26 @@
 //!
 //! Where the CPU has AMX (Sapphire Rapids and later Xeons) and the
 //! operating system grants it, [`Bf16Kernel::Tiles`] runs the same packed
-//! weights on tile registers instead ([`super::gemm_amx`]): 1000-1500
+//! weights on tile registers instead ([`crate::gemm_amx`]): 1000-1500
 //! GFLOP/s on the ViT's shapes against ~320 for the widened kernel.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
 use half::bf16;
-use rayon::prelude::*;
 
-use super::gemm::{for_each_block, lane_mask, linear_input, OutputPtr, MR};
-use super::panels::{PanelFile, PanelRowType, Panels};
+use crate::bf16_panels::{round_to_bf16, PairRow, NR};
+use crate::bf16_panels::{Bf16Panels, PackedMatrixBf16};
+use crate::blocks::{for_each_block, lane_mask, OutputPtr};
+use crate::gemm_f32::MR;
+use crate::packed::PackedProduct;
 
-/// Output columns per panel: two 16-lane registers of f32 sums.
-const NR: usize = 32;
 /// Bytes of `a` a row block may take, so it stays in L2 while panels pass.
 const BLOCK_BYTES: usize = 512 * 1024;
 
-/// Whether bf16 linear layers use these kernels: [`super::gemm::available`]
+/// Whether bf16 linear layers use these kernels: [`crate::gemm_f32::available`]
 /// (AVX-512F, not turned off) and the CPU has AVX-512BW and VL, as every
 /// AVX-512 server CPU does. [`Bf16Kernel::Widened`] needs nothing more, so
 /// CPUs without AVX512-BF16 (Skylake-SP, Cascade Lake, Ice Lake) use it.
 pub fn available() -> bool {
-    super::gemm::available() && cpu_supported()
-}
-
-fn cpu_supported() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vl")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Whether the CPU has `VDPBF16PS` (AVX512-BF16), which
-/// [`Bf16Kernel::DotProduct`] needs.
-fn cpu_has_dot_product() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        cpu_supported() && std::arch::is_x86_feature_detected!("avx512bf16")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::gemm_f32::available() && crate::cpu::features().avx512bw_vl
 }
 
 /// How a tile multiplies a pair of depths.
@@ -88,7 +61,7 @@ pub enum Bf16Kernel {
     /// bf16 widened to f32 and summed with FMAs: faster on Intel's, where
     /// `VDPBF16PS` runs at half the FMA rate.
     Widened,
-    /// AMX tiles ([`super::gemm_amx`]), where the CPU has them and the
+    /// AMX tiles ([`crate::gemm_amx`]), where the CPU has them and the
     /// operating system grants them; products whose depth is not whole
     /// tiles take [`vector_kernel`].
     Tiles,
@@ -103,7 +76,7 @@ pub fn kernel() -> Bf16Kernel {
     *CHOICE.get_or_init(|| {
         let named = std::env::var("CAPTION_BF16_KERNEL");
         let vector_named = matches!(named.as_deref(), Ok("dot" | "widened"));
-        if !vector_named && super::gemm_amx::available() {
+        if !vector_named && crate::gemm_amx::available() {
             return Bf16Kernel::Tiles;
         }
         vector_kernel()
@@ -114,125 +87,14 @@ pub fn kernel() -> Bf16Kernel {
 /// on any without AVX512-BF16, [`Bf16Kernel::DotProduct`] elsewhere, unless
 /// `CAPTION_BF16_KERNEL` names one this CPU can run.
 pub fn vector_kernel() -> Bf16Kernel {
-    if !cpu_has_dot_product() {
+    if !crate::cpu::features().avx512_bf16 {
         return Bf16Kernel::Widened;
     }
     match std::env::var("CAPTION_BF16_KERNEL").as_deref() {
         Ok("dot") => Bf16Kernel::DotProduct,
         Ok("widened") => Bf16Kernel::Widened,
-        _ if cpu_is_intel() => Bf16Kernel::Widened,
+        _ if crate::cpu::features().intel => Bf16Kernel::Widened,
         _ => Bf16Kernel::DotProduct,
-    }
-}
-
-/// Whether the CPU's vendor string is Intel's.
-fn cpu_is_intel() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        // Leaf 0 gives the vendor in ebx, edx, ecx ("Genu" "ineI" "ntel").
-        #[allow(unused_unsafe)]
-        // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
-        let leaf = unsafe { std::arch::x86_64::__cpuid(0) };
-        [leaf.ebx, leaf.edx, leaf.ecx] == [0x756e_6547, 0x4965_6e69, 0x6c65_746e]
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Depths `2p` and `2p + 1` of a panel's 32 columns, interleaved
-/// (`[column][parity]`), aligned for whole-register loads.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct PairRow([bf16; 2 * NR]);
-
-// SAFETY: thirty-two bf16s, 64 bytes: no padding, any bits a valid value.
-unsafe impl PanelRowType for PairRow {}
-
-/// The right-hand side `[k, n]` of a product, in panels of [`NR`] columns,
-/// each `k.div_ceil(2)` pair rows deep (an odd depth padded with zeros).
-pub struct PackedMatrixBf16 {
-    k: usize,
-    n: usize,
-    rows: Panels<PairRow>,
-}
-
-impl std::fmt::Debug for PackedMatrixBf16 {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PackedMatrixBf16(k={}, n={})", self.k, self.n)
-    }
-}
-
-impl PackedMatrixBf16 {
-    /// From `bᵀ`, `n` rows of `k` values (an `nn.Linear` weight `[out, in]`).
-    pub fn from_transposed(bt: &[bf16], n: usize, k: usize) -> Self {
-        Self::from_transposed_in(bt, n, k, None)
-    }
-
-    /// [`Self::from_transposed`], packed into `file` where it has room.
-    pub(crate) fn from_transposed_in(
-        bt: &[bf16],
-        n: usize,
-        k: usize,
-        file: Option<&std::sync::Arc<PanelFile>>,
-    ) -> Self {
-        assert!(bt.len() >= n * k, "pack: `bᵀ` too short");
-        let pairs = k.div_ceil(2);
-        let mut rows = Panels::<PairRow>::zeroed_in(n.div_ceil(NR) * pairs, file);
-        rows.as_mut_slice()
-            .par_chunks_mut(pairs.max(1))
-            .enumerate()
-            .for_each(|(panel, panel_rows)| {
-                let first = panel * NR;
-                for column in 0..NR.min(n - first) {
-                    let source = &bt[(first + column) * k..][..k];
-                    for (depth, &value) in source.iter().enumerate() {
-                        panel_rows[depth / 2].0[2 * column + depth % 2] = value;
-                    }
-                }
-            });
-        Self { k, n, rows }
-    }
-
-    pub fn k(&self) -> usize {
-        self.k
-    }
-
-    pub fn n(&self) -> usize {
-        self.n
-    }
-
-    /// Where the panels lie in `file`, when they were packed into it.
-    pub(super) fn range_in(&self, file: &std::sync::Arc<PanelFile>) -> Option<[u64; 2]> {
-        self.rows.range_in(file)
-    }
-
-    /// The packed rows' bytes, as the pack cache saves them.
-    pub(super) fn panel_bytes(&self) -> &[u8] {
-        self.rows.as_bytes()
-    }
-
-    /// A `[k, n]` matrix packed earlier, read in place from the pack cache's
-    /// mapping: `bytes` at `offset` (`None` unless they are whole panels).
-    pub(super) fn from_cache(
-        file: std::sync::Arc<memmap2::Mmap>,
-        offset: usize,
-        bytes: usize,
-        k: usize,
-        n: usize,
-    ) -> Option<Self> {
-        let rows = Panels::cached(file, offset, bytes, n.div_ceil(NR) * k.div_ceil(2))?;
-        Some(Self { k, n, rows })
-    }
-
-    /// Column `j` of `b` (a vocabulary entry of a tied output projection).
-    pub fn copy_column(&self, j: usize, out: &mut [bf16]) {
-        let pairs = self.k.div_ceil(2);
-        let panel = &self.rows.as_slice()[(j / NR) * pairs..][..pairs];
-        for (depth, value) in out[..self.k].iter_mut().enumerate() {
-            *value = panel[depth / 2].0[2 * (j % NR) + depth % 2];
-        }
     }
 }
 
@@ -243,6 +105,23 @@ impl PackedMatrixBf16 {
 /// If the slices are too short, or the CPU lacks AVX-512BW/VL.
 pub fn matmul(a: &[bf16], m: usize, b: &PackedMatrixBf16, bias: Option<&[f32]>, c: &mut [bf16]) {
     matmul_with(kernel(), a, m, b, bias, c)
+}
+
+/// bf16 in and out, with this CPU's [`kernel`].
+impl PackedProduct for Bf16Panels {
+    type Value = bf16;
+    fn available() -> bool {
+        available()
+    }
+    fn product(
+        b: &PackedMatrixBf16,
+        x: &[bf16],
+        rows: usize,
+        bias: Option<&[f32]>,
+        c: &mut [bf16],
+    ) {
+        matmul(x, rows, b, bias, c)
+    }
 }
 
 /// [`matmul`] with the kernel given.
@@ -263,18 +142,21 @@ pub fn matmul_with(
         return;
     }
     let kernel = match kernel {
-        Bf16Kernel::Tiles if super::gemm_amx::fits(b) => {
-            return super::gemm_amx::matmul(a, m, b, bias, c);
+        Bf16Kernel::Tiles if crate::gemm_amx::fits(b) => {
+            return crate::gemm_amx::matmul(a, m, b, bias, c);
         }
         Bf16Kernel::Tiles => {
-            assert!(super::gemm_amx::available(), "bf16 matmul: no AMX tiles");
+            assert!(crate::gemm_amx::available(), "bf16 matmul: no AMX tiles");
             vector_kernel()
         }
         vector => vector,
     };
-    assert!(cpu_supported(), "bf16 matmul: the CPU has no AVX-512BW/VL");
     assert!(
-        kernel == Bf16Kernel::Widened || cpu_has_dot_product(),
+        crate::cpu::features().avx512bw_vl,
+        "bf16 matmul: the CPU has no AVX-512BW/VL"
+    );
+    assert!(
+        kernel == Bf16Kernel::Widened || crate::cpu::features().avx512_bf16,
         "bf16 matmul: the CPU has no AVX512-BF16"
     );
     assert!(
@@ -326,6 +208,37 @@ pub fn matmul_with(
     for_each_block(m, n.div_ceil(NR), max_rows, MR, true, run);
 }
 
+/// [`matmul`] in plain scalar code over the same packed pair rows: each
+/// output the f64 sum of its exact products and the bias, rounded to bf16
+/// once. The portable reference every CPU runs, and the kernels' yardstick.
+///
+/// # Panics
+/// If the slices are too short for the shapes.
+pub fn reference_matmul(
+    a: &[bf16],
+    m: usize,
+    b: &PackedMatrixBf16,
+    bias: Option<&[f32]>,
+    c: &mut [bf16],
+) {
+    let (k, n) = (b.k, b.n);
+    let pairs = k.div_ceil(2);
+    let rows = b.rows.as_slice();
+    for i in 0..m {
+        let a_row = &a[i * k..][..k];
+        for j in 0..n {
+            let panel = &rows[(j / NR) * pairs..][..pairs];
+            let sum: f64 = a_row
+                .iter()
+                .enumerate()
+                .map(|(d, x)| x.to_f64() * panel[d / 2].0[2 * (j % NR) + d % 2].to_f64())
+                .sum();
+            let sum = sum + bias.map_or(0.0, |bias| bias[j] as f64);
+            c[i * n + j] = bf16::from_f64(sum);
+        }
+    }
+}
+
 /// The rows of `a` a kernel reads: bf16 as given, or widened to f32.
 #[derive(Clone, Copy)]
 enum TileRows<'a> {
@@ -354,9 +267,16 @@ struct Tile<'a> {
     bias: Option<&'a [f32]>,
 }
 
+/// # Safety
+/// The CPU must have the chosen kernel's features (AVX512-BF16 for bf16
+/// rows of `a`, AVX-512BW/VL for widened ones); `tile` must point at `height`
+/// (at most [`MR`]) rows of `a` and of `c`, all valid for the accesses, and
+/// `c`'s rows must be written by no other task.
 #[cfg(target_arch = "x86_64")]
 unsafe fn run_tile(height: usize, tile: &Tile) {
-    macro_rules! dispatch {
+    // SAFETY: the caller upholds the tile kernels' contract (see # Safety).
+    unsafe {
+        macro_rules! dispatch {
         ($($rows:literal)*) => {
             match (height, tile.a) {
                 $(
@@ -367,96 +287,122 @@ unsafe fn run_tile(height: usize, tile: &Tile) {
             }
         };
     }
-    dispatch!(1 2 3 4 5 6 7 8 9 10 11 12)
+        dispatch!(1 2 3 4 5 6 7 8 9 10 11 12)
+    }
 }
 
+/// Off x86 this is never called: the feature checks that guard it are
+/// false there.
+///
+/// # Safety
+/// None: it only panics (or does nothing).
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn run_tile(_height: usize, _tile: &Tile) {
     unreachable!("AVX-512 kernels on a non-x86 CPU")
 }
 
+/// # Safety
+/// The CPU must have AVX512-BF16; `a` must hold `R` rows of `tile.k`
+/// values, `tile.packed` the panel's `tile.k.div_ceil(2)` pair rows, and
+/// `tile.c` `R` rows of `tile.columns` outputs, `tile.ldc` apart.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn dot_product_tile<const R: usize>(tile: &Tile, a: &[bf16]) {
-    use std::arch::x86_64::*;
-    let k = tile.k;
-    let a = a.as_ptr();
-    let mut low = [_mm512_setzero_ps(); R];
-    let mut high = [_mm512_setzero_ps(); R];
-    // One pair row of the panel against one 32-bit word (two depths) of
-    // each row of `a`, the word given by `$word(r)`.
-    macro_rules! pair_step {
-        ($pair:expr, $word:expr) => {{
-            let packed = tile.packed.as_ptr().add($pair) as *const __m512bh;
-            let (b_low, b_high) = (packed.read(), packed.add(1).read());
-            for r in 0..R {
-                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32($word(r) as i32));
-                low[r] = _mm512_dpbf16_ps(low[r], x, b_low);
-                high[r] = _mm512_dpbf16_ps(high[r], x, b_high);
-            }
-        }};
+    // SAFETY: the caller upholds this function's contract (see # Safety); every
+    // pointer below stays inside those rows.
+    unsafe {
+        use std::arch::x86_64::*;
+        let k = tile.k;
+        let a = a.as_ptr();
+        let mut low = [_mm512_setzero_ps(); R];
+        let mut high = [_mm512_setzero_ps(); R];
+        // One pair row of the panel against one 32-bit word (two depths) of
+        // each row of `a`, the word given by `$word(r)`.
+        macro_rules! pair_step {
+            ($pair:expr, $word:expr) => {{
+                let packed = tile.packed.as_ptr().add($pair) as *const __m512bh;
+                let (b_low, b_high) = (packed.read(), packed.add(1).read());
+                for r in 0..R {
+                    let x: __m512bh = std::mem::transmute(_mm512_set1_epi32($word(r) as i32));
+                    low[r] = _mm512_dpbf16_ps(low[r], x, b_low);
+                    high[r] = _mm512_dpbf16_ps(high[r], x, b_high);
+                }
+            }};
+        }
+        for pair in 0..k / 2 {
+            // Depths 2p and 2p + 1 of a row, as one little-endian word.
+            pair_step!(pair, |r: usize| (a.add(r * k + 2 * pair) as *const u32)
+                .read_unaligned());
+        }
+        if k % 2 == 1 {
+            // The last depth alone: its partner is zero here as in the packing
+            // (not the next row's first value, which could be an infinity).
+            pair_step!(k / 2, |r: usize| u32::from(
+                (*a.add(r * k + k - 1)).to_bits()
+            ));
+        }
+        store_tile::<R, true>(tile, &low, &high);
     }
-    for pair in 0..k / 2 {
-        // Depths 2p and 2p + 1 of a row, as one little-endian word.
-        pair_step!(pair, |r: usize| (a.add(r * k + 2 * pair) as *const u32)
-            .read_unaligned());
-    }
-    if k % 2 == 1 {
-        // The last depth alone: its partner is zero here as in the packing
-        // (not the next row's first value, which could be an infinity).
-        pair_step!(k / 2, |r: usize| u32::from(
-            (*a.add(r * k + k - 1)).to_bits()
-        ));
-    }
-    store_tile::<R, true>(tile, &low, &high);
 }
 
+/// # Safety
+/// The CPU must have AVX-512BW/VL; as [`dot_product_tile`] otherwise, with
+/// `a` widened to f32.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn widened_tile<const R: usize>(tile: &Tile, a: &[f32]) {
-    use std::arch::x86_64::*;
-    let k = tile.k;
-    let a = a.as_ptr();
-    let mut low = [_mm512_setzero_ps(); R];
-    let mut high = [_mm512_setzero_ps(); R];
-    // A packed register holds 16 columns' (even, odd) pairs, one per
-    // 32-bit lane, even depth in the low half: shifted up, the even bf16 is
-    // an f32; masked, the odd one is.
-    let odd_half = _mm512_set1_epi32(0xffff_0000_u32 as i32);
-    let even = |raw: __m512i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(raw));
-    let odd = |raw: __m512i| _mm512_castsi512_ps(_mm512_and_si512(raw, odd_half));
-    for pair in 0..k / 2 {
-        let packed = tile.packed.as_ptr().add(pair) as *const __m512i;
-        let (raw_low, raw_high) = (packed.read(), packed.add(1).read());
-        let (low_even, low_odd) = (even(raw_low), odd(raw_low));
-        let (high_even, high_odd) = (even(raw_high), odd(raw_high));
-        for r in 0..R {
-            let row = a.add(r * k + 2 * pair);
-            let (x_even, x_odd) = (_mm512_set1_ps(*row), _mm512_set1_ps(*row.add(1)));
-            // Odd depth first, as `VDPBF16PS` adds them.
-            low[r] = _mm512_fmadd_ps(x_odd, low_odd, low[r]);
-            high[r] = _mm512_fmadd_ps(x_odd, high_odd, high[r]);
-            low[r] = _mm512_fmadd_ps(x_even, low_even, low[r]);
-            high[r] = _mm512_fmadd_ps(x_even, high_even, high[r]);
+    // SAFETY: the caller upholds this function's contract (see # Safety); every
+    // pointer below stays inside those rows.
+    unsafe {
+        use std::arch::x86_64::*;
+        let k = tile.k;
+        let a = a.as_ptr();
+        let mut low = [_mm512_setzero_ps(); R];
+        let mut high = [_mm512_setzero_ps(); R];
+        // A packed register holds 16 columns' (even, odd) pairs, one per
+        // 32-bit lane, even depth in the low half: shifted up, the even bf16 is
+        // an f32; masked, the odd one is.
+        let odd_half = _mm512_set1_epi32(0xffff_0000_u32 as i32);
+        let even = |raw: __m512i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(raw));
+        let odd = |raw: __m512i| _mm512_castsi512_ps(_mm512_and_si512(raw, odd_half));
+        for pair in 0..k / 2 {
+            let packed = tile.packed.as_ptr().add(pair) as *const __m512i;
+            let (raw_low, raw_high) = (packed.read(), packed.add(1).read());
+            let (low_even, low_odd) = (even(raw_low), odd(raw_low));
+            let (high_even, high_odd) = (even(raw_high), odd(raw_high));
+            for r in 0..R {
+                let row = a.add(r * k + 2 * pair);
+                let (x_even, x_odd) = (_mm512_set1_ps(*row), _mm512_set1_ps(*row.add(1)));
+                // Odd depth first, as `VDPBF16PS` adds them.
+                low[r] = _mm512_fmadd_ps(x_odd, low_odd, low[r]);
+                high[r] = _mm512_fmadd_ps(x_odd, high_odd, high[r]);
+                low[r] = _mm512_fmadd_ps(x_even, low_even, low[r]);
+                high[r] = _mm512_fmadd_ps(x_even, high_even, high[r]);
+            }
         }
-    }
-    if k % 2 == 1 {
-        // The last depth alone (its packed partner is zero, and the value
-        // after it in `a` is the next row's).
-        let packed = tile.packed.as_ptr().add(k / 2) as *const __m512i;
-        let (low_even, high_even) = (even(packed.read()), even(packed.add(1).read()));
-        for r in 0..R {
-            let x_even = _mm512_set1_ps(*a.add(r * k + k - 1));
-            low[r] = _mm512_fmadd_ps(x_even, low_even, low[r]);
-            high[r] = _mm512_fmadd_ps(x_even, high_even, high[r]);
+        if k % 2 == 1 {
+            // The last depth alone (its packed partner is zero, and the value
+            // after it in `a` is the next row's).
+            let packed = tile.packed.as_ptr().add(k / 2) as *const __m512i;
+            let (low_even, high_even) = (even(packed.read()), even(packed.add(1).read()));
+            for r in 0..R {
+                let x_even = _mm512_set1_ps(*a.add(r * k + k - 1));
+                low[r] = _mm512_fmadd_ps(x_even, low_even, low[r]);
+                high[r] = _mm512_fmadd_ps(x_even, high_even, high[r]);
+            }
         }
+        store_tile::<R, false>(tile, &low, &high);
     }
-    store_tile::<R, false>(tile, &low, &high);
 }
 
 /// A tile's sums plus the bias, rounded to bf16 once, into `c`: by
 /// `VCVTNEPS2BF16` when `BY_INSTRUCTION` (the CPU must have AVX512-BF16),
 /// else by [`round_to_bf16`].
+///
+/// # Safety
+/// The CPU must have AVX-512BW/VL (and AVX512-BF16 when `BY_INSTRUCTION`);
+/// `tile.c` must hold `R` rows of `tile.columns` outputs, `tile.ldc` apart,
+/// and `tile.bias`, when set, `tile.columns` values.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn store_tile<const R: usize, const BY_INSTRUCTION: bool>(
@@ -464,86 +410,43 @@ unsafe fn store_tile<const R: usize, const BY_INSTRUCTION: bool>(
     low: &[std::arch::x86_64::__m512; R],
     high: &[std::arch::x86_64::__m512; R],
 ) {
-    use std::arch::x86_64::*;
-    let mask_low = lane_mask(tile.columns);
-    let mask_high = lane_mask(tile.columns.saturating_sub(16));
-    let (bias_low, bias_high) = match tile.bias {
-        Some(bias) => (
-            _mm512_maskz_loadu_ps(mask_low, bias.as_ptr()),
-            _mm512_maskz_loadu_ps(mask_high, bias.as_ptr().add(16)),
-        ),
-        None => (_mm512_setzero_ps(), _mm512_setzero_ps()),
-    };
-    let round = |sums: __m512| {
-        if BY_INSTRUCTION {
-            round_by_instruction(sums)
-        } else {
-            round_to_bf16(sums)
+    // SAFETY: the caller upholds this function's contract (see # Safety).
+    unsafe {
+        use std::arch::x86_64::*;
+        let mask_low = lane_mask(tile.columns);
+        let mask_high = lane_mask(tile.columns.saturating_sub(16));
+        let (bias_low, bias_high) = match tile.bias {
+            Some(bias) => (
+                _mm512_maskz_loadu_ps(mask_low, bias.as_ptr()),
+                _mm512_maskz_loadu_ps(mask_high, bias.as_ptr().add(16)),
+            ),
+            None => (_mm512_setzero_ps(), _mm512_setzero_ps()),
+        };
+        let round = |sums: __m512| {
+            if BY_INSTRUCTION {
+                round_by_instruction(sums)
+            } else {
+                round_to_bf16(sums)
+            }
+        };
+        for r in 0..R {
+            let out = tile.c.add(r * tile.ldc) as *mut u16;
+            let v_low = round(_mm512_add_ps(low[r], bias_low));
+            let v_high = round(_mm512_add_ps(high[r], bias_high));
+            _mm256_mask_storeu_epi16(out as *mut i16, mask_low as __mmask16, v_low);
+            _mm256_mask_storeu_epi16(out.add(16) as *mut i16, mask_high as __mmask16, v_high);
         }
-    };
-    for r in 0..R {
-        let out = tile.c.add(r * tile.ldc) as *mut u16;
-        let v_low = round(_mm512_add_ps(low[r], bias_low));
-        let v_high = round(_mm512_add_ps(high[r], bias_high));
-        _mm256_mask_storeu_epi16(out as *mut i16, mask_low as __mmask16, v_low);
-        _mm256_mask_storeu_epi16(out.add(16) as *mut i16, mask_high as __mmask16, v_high);
     }
 }
 
+/// # Safety
+/// The CPU must have AVX512-BF16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn round_by_instruction(sums: std::arch::x86_64::__m512) -> std::arch::x86_64::__m256i {
-    std::mem::transmute(std::arch::x86_64::_mm512_cvtneps_pbh(sums))
-}
-
-/// f32 → bf16 as Intel defines `VCVTNEPS2BF16`, without the instruction:
-/// to nearest, ties to even; NaNs made quiet; zeros and denormals to a zero
-/// of their sign. Bit for bit the instruction on Intel's CPUs (tested).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-pub(crate) unsafe fn round_to_bf16(sums: std::arch::x86_64::__m512) -> std::arch::x86_64::__m256i {
-    use std::arch::x86_64::*;
-    let bits = _mm512_castps_si512(sums);
-    let magnitude = _mm512_and_si512(bits, _mm512_set1_epi32(0x7fff_ffff));
-    // Adding 0x7fff plus the kept part's lowest bit carries into the kept
-    // half exactly when the dropped half is over one half, or one half with
-    // the kept part odd; a carry out of the largest finite value gives
-    // infinity, as rounding should.
-    let lowest_kept = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(1));
-    let bias = _mm512_add_epi32(lowest_kept, _mm512_set1_epi32(0x7fff));
-    let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(bits, bias));
-    let nan = _mm512_cmpgt_epi32_mask(magnitude, _mm512_set1_epi32(0x7f80_0000));
-    let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x40));
-    let tiny = _mm512_cmplt_epi32_mask(magnitude, _mm512_set1_epi32(0x0080_0000));
-    let signed_zero = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), _mm512_set1_epi32(0x8000));
-    let result = _mm512_mask_blend_epi32(nan, rounded, quiet);
-    let result = _mm512_mask_blend_epi32(tiny, result, signed_zero);
-    _mm512_cvtepi32_epi16(result)
-}
-
-/// `nn.Linear` on packed bf16 weights, as a candle op on `x [rows, in]`
-/// (contiguous bf16 on the CPU): `[rows, out]` in bf16.
-#[derive(Debug)]
-pub struct PackedLinearBf16 {
-    pub weight: PackedMatrixBf16,
-    pub bias: Option<Vec<f32>>,
-}
-
-impl CustomOp1 for PackedLinearBf16 {
-    fn name(&self) -> &'static str {
-        "packed-linear-bf16"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::BF16(data) = storage else {
-            candle_core::bail!("packed bf16 linear: bf16 input only");
-        };
-        let (k, n) = (self.weight.k, self.weight.n);
-        let (xs, rows) = linear_input(data, layout, k)?;
-        let mut out = vec![bf16::ZERO; rows * n];
-        matmul(xs, rows, &self.weight, self.bias.as_deref(), &mut out);
-        Ok((CpuStorage::BF16(out), Shape::from((rows, n))))
-    }
+    // SAFETY: the caller checked the CPU has AVX512-BF16; the transmute is between
+    // two 256-bit vector types.
+    unsafe { std::mem::transmute(std::arch::x86_64::_mm512_cvtneps_pbh(sums)) }
 }
 
 #[cfg(test)]
@@ -567,10 +470,10 @@ mod tests {
     /// The kernels this CPU can run.
     fn kernels_here() -> Vec<Bf16Kernel> {
         let mut kernels = vec![Bf16Kernel::Widened];
-        if cpu_has_dot_product() {
+        if crate::cpu::features().avx512_bf16 {
             kernels.push(Bf16Kernel::DotProduct);
         }
-        if super::super::gemm_amx::available() {
+        if crate::gemm_amx::available() {
             kernels.push(Bf16Kernel::Tiles);
         }
         kernels
@@ -579,10 +482,6 @@ mod tests {
     /// Every edge: odd depths, partial panels, partial tiles, one row.
     #[test]
     fn matches_a_float64_product_rounded_once() {
-        if !available() {
-            eprintln!("skipped: no AVX-512BW/VL on this CPU");
-            return;
-        }
         for &(m, k, n) in &[
             (1, 1, 1),
             (1, 7, 33),
@@ -599,9 +498,16 @@ mod tests {
             let bt = random(n * k, 2);
             let bias: Vec<f32> = random(n, 3).iter().map(|v| v.to_f32()).collect();
             let packed = PackedMatrixBf16::from_transposed(&bt, n, k);
-            for kernel in kernels_here() {
+            // The portable reference on every CPU (it reads the packing),
+            // each kernel this CPU runs.
+            let kernels = if available() { kernels_here() } else { vec![] };
+            let paths = std::iter::once(None).chain(kernels.into_iter().map(Some));
+            for kernel in paths {
                 let mut ours = vec![bf16::ZERO; m * n];
-                matmul_with(kernel, &a, m, &packed, Some(&bias), &mut ours);
+                match kernel {
+                    Some(kernel) => matmul_with(kernel, &a, m, &packed, Some(&bias), &mut ours),
+                    None => reference_matmul(&a, m, &packed, Some(&bias), &mut ours),
+                }
                 for i in 0..m {
                     for j in 0..n {
                         let exact: f64 = (0..k)
@@ -720,7 +626,7 @@ mod tests {
             .into_iter()
             .filter(|&kernel| {
                 kernel == Bf16Kernel::Widened
-                    || (kernel == Bf16Kernel::DotProduct && cpu_is_intel())
+                    || (kernel == Bf16Kernel::DotProduct && crate::cpu::features().intel)
             })
             .collect();
         // Random sums rarely show the order once rounded to bf16, so one
@@ -759,7 +665,7 @@ mod tests {
     /// bit for bit, on products whose depth is whole tiles.
     #[test]
     fn tiles_add_the_even_depth_of_a_pair_first() {
-        if !super::super::gemm_amx::available() {
+        if !crate::gemm_amx::available() {
             eprintln!("skipped: no AMX tiles here");
             return;
         }
@@ -856,7 +762,7 @@ mod tests {
             };
             assert_eq!(r, expected, "{b:#010x}");
         }
-        if cpu_is_intel() && cpu_has_dot_product() {
+        if crate::cpu::features().intel && crate::cpu::features().avx512_bf16 {
             let hardware = round_lanes(&bits, round_by_instruction);
             for ((b, h), r) in bits.iter().zip(hardware).zip(&ours) {
                 assert_eq!(h, *r, "{b:#010x}");

@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
-use crate::hub::WeightFiles;
+use crate::resolve::hub::WeightFiles;
 
 /// Opens the weights for reading by tensor name, converting each tensor to
 /// `dtype` on `device` as the model asks for it.

@@ -9,11 +9,14 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::Module;
-use candle_core::{DType, Device, Tensor};
-use caption::models::gemm::{self, FusedSelfAttention, PackedMatrix};
-use caption::models::gemm_amx;
-use caption::models::gemm_bf16::{self, Bf16Kernel, PackedMatrixBf16};
-use caption::models::gemm_q8::{self, PackedMatrixQ8};
+use candle_core::{DType, Device, Tensor, D};
+use caption_kernels::attention::{fused_self_attention, FusedQkv};
+use caption_kernels::bf16_panels::PackedMatrixBf16;
+use caption_kernels::elementwise::scaled_softmax_in_place;
+use caption_kernels::gemm_amx;
+use caption_kernels::gemm_bf16::{self, Bf16Kernel};
+use caption_kernels::gemm_f32::{self as gemm, PackedMatrix};
+use caption_kernels::gemm_q8::{self, PackedMatrixQ8};
 use half::bf16;
 
 fn main() -> anyhow::Result<()> {
@@ -128,16 +131,24 @@ fn main() -> anyhow::Result<()> {
             .reshape((1, tokens, 3, heads, head_dim))?
             .permute((2, 0, 3, 1, 4))?;
         let part = |i: usize| split.get(i)?.contiguous();
-        let context =
-            caption::models::general_attention(&part(0)?, &part(1)?, &part(2)?, scale, None)?;
-        caption::models::merge_heads(&context)?.contiguous()?;
+        // softmax(q kᵀ · scale) v in candle's general operations.
+        let scores = (part(0)?.matmul(&part(1)?.t()?)? * scale)?;
+        let exp = scores
+            .broadcast_sub(&scores.max_keepdim(D::Minus1)?)?
+            .exp()?;
+        let probs = exp.broadcast_div(&exp.sum_keepdim(D::Minus1)?)?;
+        let context = probs.matmul(&part(2)?)?;
+        context
+            .transpose(1, 2)?
+            .reshape((1, tokens, d))?
+            .contiguous()?;
         Ok(())
     })?;
+    let shape = FusedQkv::new(1, tokens, 3 * d, heads).expect("whole heads");
+    let values: Vec<f32> = qkv.flatten_all()?.to_vec1()?;
+    let mut context = vec![0f32; shape.output_len()];
     let fused = best_of(rounds, || {
-        qkv.apply_op1_no_bwd(&FusedSelfAttention {
-            heads,
-            scale: scale as f32,
-        })?;
+        fused_self_attention(&values, shape, scale as f32, &mut context);
         Ok(())
     })?;
     let mut scores: Vec<f32> = Tensor::randn(0f32, 1.0, (tokens, tokens), &device)?
@@ -145,7 +156,7 @@ fn main() -> anyhow::Result<()> {
         .to_vec1()?;
     let softmax = best_of(rounds, || {
         for row in scores.chunks_mut(tokens) {
-            caption::models::kernels::scaled_softmax_in_place(row, 0.125);
+            scaled_softmax_in_place(row, 0.125);
         }
         Ok(())
     })?;

@@ -16,11 +16,13 @@
 
 mod config;
 mod jpeg;
+mod limits;
 mod load;
 mod resample;
 
 pub use config::{PreprocessConfig, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD};
-pub use load::{decode_rgb8, load_rgb8, to_rgb8, ImageError, LoadOptions, PILLOW_MAX_PIXELS};
+pub use limits::{ImageError, LoadOptions, PILLOW_MAX_PIXELS};
+pub use load::{decode_rgb8, load_rgb8, to_rgb8};
 pub use resample::{resize, Resample};
 
 use ::image::RgbImage;

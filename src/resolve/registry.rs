@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
-use crate::hub::HubModel;
+use crate::resolve::hub::HubModel;
 
 /// The registry shipped inside the binary.
-pub const BUILTIN: &str = include_str!("../models.toml");
+pub const BUILTIN: &str = include_str!("../../models.toml");
 
 /// The model code that runs a checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -115,10 +115,12 @@ pub struct Entry {
 
 impl Entry {
     /// Where the model's files come from: the Hub, or the binary itself.
-    pub fn source(&self) -> Result<crate::hub::ModelSource> {
+    pub fn source(&self) -> Result<crate::resolve::hub::ModelSource> {
         Ok(match &self.bundled {
-            Some(bundle) => crate::hub::ModelSource::Folder(crate::bundled::folder(bundle)?),
-            None => crate::hub::ModelSource::Hub(self.hub_model()),
+            Some(bundle) => {
+                crate::resolve::hub::ModelSource::Folder(crate::resolve::bundled::folder(bundle)?)
+            }
+            None => crate::resolve::hub::ModelSource::Hub(self.hub_model()),
         })
     }
 
@@ -147,7 +149,7 @@ impl Registry {
                     "models.toml: `{name}` is bundled and cannot also name a repo or revision"
                 );
                 anyhow::ensure!(
-                    crate::bundled::get(bundle).is_some(),
+                    crate::resolve::bundled::get(bundle).is_some(),
                     "models.toml: `{name}` names bundled model `{bundle}`, which this build lacks"
                 );
             } else {

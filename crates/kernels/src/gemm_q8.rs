@@ -27,12 +27,14 @@
 //! block's sum is taken back out by starting the block's integer sum at
 //! `-128 · Σ weights`, computed at packing.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape};
+use std::sync::Arc;
+
 use half::f16;
 use rayon::prelude::*;
 
-use super::gemm::{for_each_block, linear_forward, OutputPtr};
-use super::panels::{PanelFile, PanelRowType, Panels};
+use crate::blocks::{for_each_block, OutputPtr};
+use crate::packed::{Packed, PackedProduct, PanelLayout};
+use crate::panels::{PanelFile, PanelRowType};
 
 /// Weights per q8_0 block (and input values per quantized block).
 pub const BLOCK: usize = 32;
@@ -49,30 +51,17 @@ const QUAD: usize = 4;
 /// bytes at the widest ViT-B layer) stay in L2 while the panels pass.
 const MC: usize = 240;
 
-/// Whether models use this kernel for q8_0 weights: [`super::gemm`]'s
+/// Whether callers use this kernel for q8_0 weights: [`crate::gemm_f32`]'s
 /// kernels are on (AVX-512, not turned off) and the CPU has AVX512-VNNI
 /// and AVX512-BW. Otherwise q8_0 layers take candle's quantized matmul.
 pub fn available() -> bool {
-    super::gemm::available() && cpu_supported()
-}
-
-fn cpu_supported() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-            && std::arch::is_x86_feature_detected!("avx512vnni")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::gemm_f32::available() && crate::cpu::features().avx512_vnni
 }
 
 /// One q8_0 block of a panel: 32 depths of [`NR`] output columns.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct PanelBlock {
+pub struct PanelBlock {
     /// `quads[q][4 · c + j]`: column `c`'s weight at depth `4q + j` of the
     /// block, so each 64-byte half is one register of 16 columns × 4 depths.
     quads: [[i8; QUAD * NR]; BLOCK / QUAD],
@@ -85,18 +74,32 @@ struct PanelBlock {
 // SAFETY: integers and floats, 1280 bytes: no padding, any bits a valid value.
 unsafe impl PanelRowType for PanelBlock {}
 
-/// The weight `[n, k]` of a linear layer in q8_0, as panels of [`NR`]
-/// columns, each a run of `k / 32` blocks; columns past `n` are zero.
-#[derive(Clone)]
-pub struct PackedMatrixQ8 {
-    k: usize,
-    n: usize,
-    blocks: Panels<PanelBlock>,
+/// [`gemm_q8`](self)'s layout: panels of [`NR`] columns, each a run of
+/// `k / 32` blocks; columns past `n` are zero.
+pub struct Q8Panels;
+
+impl PanelLayout for Q8Panels {
+    type Row = PanelBlock;
+    const NAME: &'static str = "PackedMatrixQ8";
+    fn rows(k: usize, n: usize) -> usize {
+        n.div_ceil(NR) * (k / BLOCK)
+    }
+    fn fits(k: usize, _n: usize) -> bool {
+        k.is_multiple_of(BLOCK)
+    }
 }
 
-impl std::fmt::Debug for PackedMatrixQ8 {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PackedMatrixQ8(k={}, n={})", self.k, self.n)
+/// The weight `[n, k]` of a linear layer in q8_0, in [`Q8Panels`].
+pub type PackedMatrixQ8 = Packed<Q8Panels>;
+
+/// f32 in and out: the input is quantized on the way in.
+impl PackedProduct for Q8Panels {
+    type Value = f32;
+    fn available() -> bool {
+        available()
+    }
+    fn product(b: &PackedMatrixQ8, x: &[f32], rows: usize, bias: Option<&[f32]>, c: &mut [f32]) {
+        matmul(x, rows, b.k, b, bias, c, b.n, true)
     }
 }
 
@@ -111,12 +114,7 @@ impl PackedMatrixQ8 {
     }
 
     /// [`Self::from_ggml`], packed into `file` where it has room.
-    pub(crate) fn from_ggml_in(
-        raw: &[u8],
-        n: usize,
-        k: usize,
-        file: Option<&std::sync::Arc<PanelFile>>,
-    ) -> Self {
+    pub fn from_ggml_in(raw: &[u8], n: usize, k: usize, file: Option<&Arc<PanelFile>>) -> Self {
         assert!(
             k.is_multiple_of(BLOCK),
             "q8_0 pack: depth {k} is not whole blocks"
@@ -127,8 +125,9 @@ impl PackedMatrixQ8 {
             n * per_row * GGML_BLOCK_BYTES,
             "q8_0 pack: data is not {n} rows of {per_row} blocks"
         );
-        let mut blocks = Panels::zeroed_in(n.div_ceil(NR) * per_row, file);
-        blocks
+        let mut packed = Self::zeroed_in(k, n, file);
+        packed
+            .rows
             .as_mut_slice()
             .par_chunks_mut(per_row.max(1))
             .enumerate()
@@ -141,15 +140,7 @@ impl PackedMatrixQ8 {
                     }
                 }
             });
-        Self { k, n, blocks }
-    }
-
-    pub fn k(&self) -> usize {
-        self.k
-    }
-
-    pub fn n(&self) -> usize {
-        self.n
+        packed
     }
 
     fn panels(&self) -> usize {
@@ -158,32 +149,6 @@ impl PackedMatrixQ8 {
 
     fn blocks_per_panel(&self) -> usize {
         self.k / BLOCK
-    }
-
-    /// Where the panels lie in `file`, when they were packed into it.
-    pub(super) fn range_in(&self, file: &std::sync::Arc<PanelFile>) -> Option<[u64; 2]> {
-        self.blocks.range_in(file)
-    }
-
-    /// The packed blocks' bytes, as the pack cache saves them.
-    pub(super) fn panel_bytes(&self) -> &[u8] {
-        self.blocks.as_bytes()
-    }
-
-    /// A `[n, k]` weight packed earlier, read in place from the pack cache's
-    /// mapping: `bytes` at `offset` (`None` unless they are whole panels).
-    pub(super) fn from_cache(
-        file: std::sync::Arc<memmap2::Mmap>,
-        offset: usize,
-        bytes: usize,
-        k: usize,
-        n: usize,
-    ) -> Option<Self> {
-        if !k.is_multiple_of(BLOCK) {
-            return None;
-        }
-        let blocks = Panels::cached(file, offset, bytes, n.div_ceil(NR) * (k / BLOCK))?;
-        Some(Self { k, n, blocks })
     }
 }
 
@@ -239,7 +204,7 @@ impl QuantizedInput {
 /// One block of 32 input values into `q + 128` bytes; returns the scale.
 fn quantize_block(x: &[f32], q: &mut [u8]) -> f32 {
     #[cfg(target_arch = "x86_64")]
-    if cpu_supported() {
+    if crate::cpu::features().avx512bw_vl {
         // SAFETY: the CPU has AVX-512F/BW (checked); both slices hold 32.
         return unsafe { quantize_block_avx512(x, q) };
     }
@@ -256,49 +221,54 @@ fn quantize_block_scalar(x: &[f32], q: &mut [u8]) -> f32 {
     f16::from_f32(d).to_f32()
 }
 
+/// # Safety
+/// The CPU must have AVX-512F and BW; `x` and `q` must hold 32 values each.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn quantize_block_avx512(x: &[f32], q: &mut [u8]) -> f32 {
-    use std::arch::x86_64::*;
-    assert!(x.len() >= BLOCK && q.len() >= BLOCK);
-    let halves = [
-        _mm512_loadu_ps(x.as_ptr()),
-        _mm512_loadu_ps(x.as_ptr().add(16)),
-    ];
-    let amax = _mm512_reduce_max_ps(_mm512_max_ps(
-        _mm512_abs_ps(halves[0]),
-        _mm512_abs_ps(halves[1]),
-    ));
-    // NaN compares false in `max`, as `f32::max` ignores it: same amax.
-    let amax = if amax.is_nan() { 0.0 } else { amax };
-    let d = amax / 127.0;
-    let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
-    for (half, &values) in halves.iter().enumerate() {
-        let y = _mm512_mul_ps(values, id);
-        // round() is half away from zero: truncate, then step away from
-        // zero where the dropped fraction is at least a half (`y - trunc`
-        // is exact).
-        let whole = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
-        let fraction = _mm512_abs_ps(_mm512_sub_ps(y, whole));
-        let step = _mm512_or_ps(_mm512_set1_ps(1.0), _mm512_and_ps(y, _mm512_set1_ps(-0.0)));
-        let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(fraction, _mm512_set1_ps(0.5));
-        let rounded = _mm512_mask_add_ps(whole, away, whole, step);
-        // `as i8` saturates (and NaN becomes 0); the round trip through
-        // i32 with a clamp does the same for every value this block holds.
-        let clamped = _mm512_min_ps(
-            _mm512_max_ps(rounded, _mm512_set1_ps(-128.0)),
-            _mm512_set1_ps(127.0),
-        );
-        let ints = _mm512_cvttps_epi32(clamped);
-        let ints = _mm512_mask_mov_epi32(
-            ints,
-            _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(y, y),
-            _mm512_setzero_si512(),
-        );
-        let bytes = _mm512_cvtepi32_epi8(_mm512_add_epi32(ints, _mm512_set1_epi32(128)));
-        _mm_storeu_si128(q.as_mut_ptr().add(16 * half) as *mut __m128i, bytes);
+    // SAFETY: the caller upholds this function's contract (see # Safety).
+    unsafe {
+        use std::arch::x86_64::*;
+        assert!(x.len() >= BLOCK && q.len() >= BLOCK);
+        let halves = [
+            _mm512_loadu_ps(x.as_ptr()),
+            _mm512_loadu_ps(x.as_ptr().add(16)),
+        ];
+        let amax = _mm512_reduce_max_ps(_mm512_max_ps(
+            _mm512_abs_ps(halves[0]),
+            _mm512_abs_ps(halves[1]),
+        ));
+        // NaN compares false in `max`, as `f32::max` ignores it: same amax.
+        let amax = if amax.is_nan() { 0.0 } else { amax };
+        let d = amax / 127.0;
+        let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        for (half, &values) in halves.iter().enumerate() {
+            let y = _mm512_mul_ps(values, id);
+            // round() is half away from zero: truncate, then step away from
+            // zero where the dropped fraction is at least a half (`y - trunc`
+            // is exact).
+            let whole = _mm512_roundscale_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(y);
+            let fraction = _mm512_abs_ps(_mm512_sub_ps(y, whole));
+            let step = _mm512_or_ps(_mm512_set1_ps(1.0), _mm512_and_ps(y, _mm512_set1_ps(-0.0)));
+            let away = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(fraction, _mm512_set1_ps(0.5));
+            let rounded = _mm512_mask_add_ps(whole, away, whole, step);
+            // `as i8` saturates (and NaN becomes 0); the round trip through
+            // i32 with a clamp does the same for every value this block holds.
+            let clamped = _mm512_min_ps(
+                _mm512_max_ps(rounded, _mm512_set1_ps(-128.0)),
+                _mm512_set1_ps(127.0),
+            );
+            let ints = _mm512_cvttps_epi32(clamped);
+            let ints = _mm512_mask_mov_epi32(
+                ints,
+                _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(y, y),
+                _mm512_setzero_si512(),
+            );
+            let bytes = _mm512_cvtepi32_epi8(_mm512_add_epi32(ints, _mm512_set1_epi32(128)));
+            _mm_storeu_si128(q.as_mut_ptr().add(16 * half) as *mut __m128i, bytes);
+        }
+        f16::from_f32(d).to_f32()
     }
-    f16::from_f32(d).to_f32()
 }
 
 /// `c[m, n] = quantized(a[m, k]) · b (+ bias)`, rows of `a` and `c` at
@@ -323,7 +293,10 @@ pub fn matmul(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(cpu_supported(), "q8_0 matmul: the CPU has no AVX512-VNNI");
+    assert!(
+        crate::cpu::features().avx512_vnni,
+        "q8_0 matmul: the CPU has no AVX512-VNNI"
+    );
     assert!(
         lda >= k && ldc >= n,
         "q8_0 matmul: strides shorter than rows"
@@ -340,10 +313,67 @@ pub fn matmul(
         // and tasks write disjoint (row block, panel range) rectangles of `c`.
         unsafe { product_block(&input, k, rows, b, panels, bias, out, ldc) }
     };
-    for_each_block(m, b.panels(), MC, super::gemm::MR, parallel, run);
+    for_each_block(m, b.panels(), MC, crate::gemm_f32::MR, parallel, run);
+}
+
+/// [`matmul`] in plain scalar code over the same packed blocks, the input
+/// quantized as the kernel quantizes it: each block's integer dot product
+/// times both scales, summed in f64. The portable reference every CPU
+/// runs, and the kernel's yardstick.
+///
+/// # Panics
+/// If `k` is not whole blocks or the slices are too short.
+#[allow(clippy::too_many_arguments)]
+pub fn reference_matmul(
+    a: &[f32],
+    m: usize,
+    lda: usize,
+    b: &PackedMatrixQ8,
+    bias: Option<&[f32]>,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    let (k, n) = (b.k, b.n);
+    assert!(
+        k.is_multiple_of(BLOCK),
+        "q8_0: depth {k} is not whole blocks"
+    );
+    let per_panel = k / BLOCK;
+    let blocks = b.rows.as_slice();
+    let mut q = [0u8; BLOCK];
+    for i in 0..m {
+        let row = &a[i * lda..][..k];
+        let quantized: Vec<([u8; BLOCK], f32)> = row
+            .chunks_exact(BLOCK)
+            .map(|x| {
+                let scale = quantize_block_scalar(x, &mut q);
+                (q, scale)
+            })
+            .collect();
+        for j in 0..n {
+            let (panel, column) = (j / NR, j % NR);
+            let mut sum = bias.map_or(0.0, |bias| bias[j] as f64);
+            for (block, (xq, x_scale)) in quantized.iter().enumerate() {
+                let packed = &blocks[panel * per_panel + block];
+                let dot: i32 = (0..BLOCK)
+                    .map(|d| {
+                        let w = packed.quads[d / QUAD][QUAD * column + d % QUAD] as i32;
+                        (xq[d] as i32 - 128) * w
+                    })
+                    .sum();
+                sum += dot as f64 * *x_scale as f64 * packed.scales[column] as f64;
+            }
+            c[i * ldc + j] = sum as f32;
+        }
+    }
 }
 
 /// Rows `rows` × panels `panels` of the product.
+///
+/// # Safety
+/// AVX512-VNNI must be available; `a` must hold `rows` quantized rows of
+/// `b.k()` depths and `c` the same rows of `b.n()` outputs, `ldc` apart,
+/// which no other task writes; `bias`, when given, `b.n()` values.
 #[allow(clippy::too_many_arguments)]
 unsafe fn product_block(
     input: &QuantizedInput,
@@ -355,26 +385,30 @@ unsafe fn product_block(
     c: OutputPtr<f32>,
     ldc: usize,
 ) {
-    let blocks = b.blocks_per_panel();
-    for panel in panels {
-        let packed = b.blocks.as_slice().as_ptr().add(panel * blocks);
-        let bias = bias.map(|bias| bias.as_ptr().add(panel * NR));
-        let mut row = rows.start;
-        while row < rows.end {
-            let height = MR.min(rows.end - row);
-            let tile = Tile {
-                values: input.values.as_ptr().add(row * k),
-                k,
-                scales: input.scales.as_ptr().add(row * blocks),
-                blocks,
-                packed,
-                c: c.at(row * ldc + panel * NR),
-                ldc,
-                columns: NR.min(b.n - panel * NR),
-                bias,
-            };
-            run_tile(height, &tile);
-            row += height;
+    // SAFETY: the caller upholds this function's contract (see # Safety), which is
+    // what every tile below reads and writes within.
+    unsafe {
+        let blocks = b.blocks_per_panel();
+        for panel in panels {
+            let packed = b.rows.as_slice().as_ptr().add(panel * blocks);
+            let bias = bias.map(|bias| bias.as_ptr().add(panel * NR));
+            let mut row = rows.start;
+            while row < rows.end {
+                let height = MR.min(rows.end - row);
+                let tile = Tile {
+                    values: input.values.as_ptr().add(row * k),
+                    k,
+                    scales: input.scales.as_ptr().add(row * blocks),
+                    blocks,
+                    packed,
+                    c: c.at(row * ldc + panel * NR),
+                    ldc,
+                    columns: NR.min(b.n - panel * NR),
+                    bias,
+                };
+                run_tile(height, &tile);
+                row += height;
+            }
         }
     }
 }
@@ -397,125 +431,113 @@ struct Tile {
 
 /// The tile kernel for `height` rows, a compile-time constant inside so the
 /// accumulators stay in registers.
+///
+/// # Safety
+/// As [`tile_kernel`], and `height` at most [`MR`].
 #[cfg(target_arch = "x86_64")]
 unsafe fn run_tile(height: usize, tile: &Tile) {
-    match height {
-        6 => tile_kernel::<6>(tile),
-        5 => tile_kernel::<5>(tile),
-        4 => tile_kernel::<4>(tile),
-        3 => tile_kernel::<3>(tile),
-        2 => tile_kernel::<2>(tile),
-        1 => tile_kernel::<1>(tile),
-        _ => unreachable!("tile height {height}"),
+    // SAFETY: the caller upholds `tile_kernel`'s contract for this height.
+    unsafe {
+        match height {
+            6 => tile_kernel::<6>(tile),
+            5 => tile_kernel::<5>(tile),
+            4 => tile_kernel::<4>(tile),
+            3 => tile_kernel::<3>(tile),
+            2 => tile_kernel::<2>(tile),
+            1 => tile_kernel::<1>(tile),
+            _ => unreachable!("tile height {height}"),
+        }
     }
 }
 
+/// Off x86 this is never called: the feature checks that guard it are
+/// false there.
+///
+/// # Safety
+/// None: it only panics (or does nothing).
 #[cfg(not(target_arch = "x86_64"))]
 unsafe fn run_tile(_height: usize, _tile: &Tile) {
     unreachable!("AVX-512 kernels on a non-x86 CPU")
 }
 
+/// # Safety
+/// AVX512-VNNI (and BW) must be available; `tile` must point at `R`
+/// quantized rows and their scales, `tile.blocks` packed blocks, `R` rows of
+/// `c` (`ldc` apart) and, when set, 32 bias values, all valid for the accesses.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn tile_kernel<const R: usize>(tile: &Tile) {
-    use std::arch::x86_64::*;
-    let mut low = [_mm512_setzero_ps(); R];
-    let mut high = [_mm512_setzero_ps(); R];
-    // A short tile has too few independent sums to hide VPDPBUSD's latency
-    // (5 cycles, each depending on the last): its rows sum odd quads apart.
-    let chains = if R <= 2 { 2 } else { 1 };
-    for block in 0..tile.blocks {
-        let packed = &*tile.packed.add(block);
-        let offsets = packed.offsets.as_ptr() as *const __m512i;
-        let zero = _mm512_setzero_si512();
-        let mut sums_low = [[_mm512_load_si512(offsets); R], [zero; R]];
-        let mut sums_high = [[_mm512_load_si512(offsets.add(1)); R], [zero; R]];
-        for (quad, weights) in packed.quads.iter().enumerate() {
-            let weights = weights.as_ptr() as *const __m512i;
-            let b_low = _mm512_load_si512(weights);
-            let b_high = _mm512_load_si512(weights.add(1));
-            let chain = quad % chains;
+    // SAFETY: the caller upholds this function's contract (see # Safety).
+    unsafe {
+        use std::arch::x86_64::*;
+        let mut low = [_mm512_setzero_ps(); R];
+        let mut high = [_mm512_setzero_ps(); R];
+        // A short tile has too few independent sums to hide VPDPBUSD's latency
+        // (5 cycles, each depending on the last): its rows sum odd quads apart.
+        let chains = if R <= 2 { 2 } else { 1 };
+        for block in 0..tile.blocks {
+            let packed = &*tile.packed.add(block);
+            let offsets = packed.offsets.as_ptr() as *const __m512i;
+            let zero = _mm512_setzero_si512();
+            let mut sums_low = [[_mm512_load_si512(offsets); R], [zero; R]];
+            let mut sums_high = [[_mm512_load_si512(offsets.add(1)); R], [zero; R]];
+            for (quad, weights) in packed.quads.iter().enumerate() {
+                let weights = weights.as_ptr() as *const __m512i;
+                let b_low = _mm512_load_si512(weights);
+                let b_high = _mm512_load_si512(weights.add(1));
+                let chain = quad % chains;
+                for r in 0..R {
+                    let at = tile.values.add(r * tile.k + block * BLOCK + quad * QUAD);
+                    let x = _mm512_set1_epi32((at as *const i32).read_unaligned());
+                    sums_low[chain][r] = _mm512_dpbusd_epi32(sums_low[chain][r], x, b_low);
+                    sums_high[chain][r] = _mm512_dpbusd_epi32(sums_high[chain][r], x, b_high);
+                }
+            }
+            let [mut sums_low, odd_low] = sums_low;
+            let [mut sums_high, odd_high] = sums_high;
+            if chains == 2 {
+                for r in 0..R {
+                    sums_low[r] = _mm512_add_epi32(sums_low[r], odd_low[r]);
+                    sums_high[r] = _mm512_add_epi32(sums_high[r], odd_high[r]);
+                }
+            }
+            let scales_low = _mm512_load_ps(packed.scales.as_ptr());
+            let scales_high = _mm512_load_ps(packed.scales.as_ptr().add(16));
             for r in 0..R {
-                let at = tile.values.add(r * tile.k + block * BLOCK + quad * QUAD);
-                let x = _mm512_set1_epi32((at as *const i32).read_unaligned());
-                sums_low[chain][r] = _mm512_dpbusd_epi32(sums_low[chain][r], x, b_low);
-                sums_high[chain][r] = _mm512_dpbusd_epi32(sums_high[chain][r], x, b_high);
+                let scale = _mm512_set1_ps(*tile.scales.add(r * tile.blocks + block));
+                low[r] = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(sums_low[r]),
+                    _mm512_mul_ps(scale, scales_low),
+                    low[r],
+                );
+                high[r] = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(sums_high[r]),
+                    _mm512_mul_ps(scale, scales_high),
+                    high[r],
+                );
             }
         }
-        let [mut sums_low, odd_low] = sums_low;
-        let [mut sums_high, odd_high] = sums_high;
-        if chains == 2 {
-            for r in 0..R {
-                sums_low[r] = _mm512_add_epi32(sums_low[r], odd_low[r]);
-                sums_high[r] = _mm512_add_epi32(sums_high[r], odd_high[r]);
-            }
-        }
-        let scales_low = _mm512_load_ps(packed.scales.as_ptr());
-        let scales_high = _mm512_load_ps(packed.scales.as_ptr().add(16));
+        let mask_low = crate::blocks::lane_mask(tile.columns);
+        let mask_high = crate::blocks::lane_mask(tile.columns.saturating_sub(16));
+        let (bias_low, bias_high) = match tile.bias {
+            Some(bias) => (
+                _mm512_maskz_loadu_ps(mask_low, bias),
+                _mm512_maskz_loadu_ps(mask_high, bias.add(16)),
+            ),
+            None => (_mm512_setzero_ps(), _mm512_setzero_ps()),
+        };
         for r in 0..R {
-            let scale = _mm512_set1_ps(*tile.scales.add(r * tile.blocks + block));
-            low[r] = _mm512_fmadd_ps(
-                _mm512_cvtepi32_ps(sums_low[r]),
-                _mm512_mul_ps(scale, scales_low),
-                low[r],
-            );
-            high[r] = _mm512_fmadd_ps(
-                _mm512_cvtepi32_ps(sums_high[r]),
-                _mm512_mul_ps(scale, scales_high),
-                high[r],
-            );
+            let out = tile.c.add(r * tile.ldc);
+            _mm512_mask_storeu_ps(out, mask_low, _mm512_add_ps(low[r], bias_low));
+            _mm512_mask_storeu_ps(out.add(16), mask_high, _mm512_add_ps(high[r], bias_high));
         }
-    }
-    let mask_low = super::gemm::lane_mask(tile.columns);
-    let mask_high = super::gemm::lane_mask(tile.columns.saturating_sub(16));
-    let (bias_low, bias_high) = match tile.bias {
-        Some(bias) => (
-            _mm512_maskz_loadu_ps(mask_low, bias),
-            _mm512_maskz_loadu_ps(mask_high, bias.add(16)),
-        ),
-        None => (_mm512_setzero_ps(), _mm512_setzero_ps()),
-    };
-    for r in 0..R {
-        let out = tile.c.add(r * tile.ldc);
-        _mm512_mask_storeu_ps(out, mask_low, _mm512_add_ps(low[r], bias_low));
-        _mm512_mask_storeu_ps(out.add(16), mask_high, _mm512_add_ps(high[r], bias_high));
-    }
-}
-
-/// `nn.Linear` on q8_0 weights packed for this kernel, as a candle op on
-/// `x [rows, in]` (contiguous f32 on the CPU): `[rows, out]`.
-#[derive(Debug, Clone)]
-pub struct PackedLinearQ8 {
-    pub weight: PackedMatrixQ8,
-    pub bias: Option<Vec<f32>>,
-}
-
-impl CustomOp1 for PackedLinearQ8 {
-    fn name(&self) -> &'static str {
-        "packed-linear-q8_0"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (k, n) = (self.weight.k, self.weight.n);
-        linear_forward(storage, layout, k, n, |xs, rows, out| {
-            matmul(
-                xs,
-                rows,
-                k,
-                &self.weight,
-                self.bias.as_deref(),
-                out,
-                n,
-                true,
-            )
-        })
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::gemm::tests::{random, relative_difference};
     use super::*;
+    use crate::test_data::{random, relative_difference};
     use candle_core::quantized::k_quants::{BlockQ8_0, GgmlType};
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
@@ -598,10 +620,6 @@ mod tests {
     /// and out.
     #[test]
     fn matches_candles_q8_0_product_on_every_edge() {
-        if !available() {
-            eprintln!("skipped: no AVX512-VNNI on this CPU");
-            return;
-        }
         for (case, &(m, k, n)) in [
             (1, 32, 32),
             (5, 64, 33),
@@ -619,24 +637,31 @@ mod tests {
             let bias = random(n, 200 + case as u64);
             let blocks = candle_blocks(&w, n);
             let packed = PackedMatrixQ8::from_ggml(&blocks.data().unwrap(), n, k);
-            let mut c = vec![f32::NAN; m * ldc];
-            matmul(&a, m, lda, &packed, Some(&bias), &mut c, ldc, true);
-
             let unstrided: Vec<f32> = a.chunks(lda).flat_map(|row| &row[..k]).copied().collect();
             let expected: Vec<f32> = candle_reference(&unstrided, m, k, &w)
                 .chunks_exact(n)
                 .flat_map(|row| row.iter().zip(&bias).map(|(x, b)| x + b))
                 .collect();
-            let ours: Vec<f32> = (0..m)
-                .flat_map(|i| c[i * ldc..i * ldc + n].to_vec())
-                .collect();
-            let difference = relative_difference(&ours, &expected);
-            assert!(
-                difference < 1e-5,
-                "m={m} k={k} n={n}: relative difference {difference}"
-            );
-            for i in 0..m {
-                assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|x| x.is_nan()));
+            // The portable reference on every CPU (it reads the packing),
+            // the VNNI kernel where it runs.
+            let kernel = available().then_some("vnni");
+            for path in std::iter::once("reference").chain(kernel) {
+                let mut c = vec![f32::NAN; m * ldc];
+                match path {
+                    "vnni" => matmul(&a, m, lda, &packed, Some(&bias), &mut c, ldc, true),
+                    _ => reference_matmul(&a, m, lda, &packed, Some(&bias), &mut c, ldc),
+                }
+                let ours: Vec<f32> = (0..m)
+                    .flat_map(|i| c[i * ldc..i * ldc + n].to_vec())
+                    .collect();
+                let difference = relative_difference(&ours, &expected);
+                assert!(
+                    difference < 1e-5,
+                    "{path}, m={m} k={k} n={n}: relative difference {difference}"
+                );
+                for i in 0..m {
+                    assert!(c[i * ldc + n..(i + 1) * ldc].iter().all(|x| x.is_nan()));
+                }
             }
         }
     }

@@ -106,7 +106,7 @@ impl Collected {
     /// One argument, from the command line or a stdin line.
     fn argument(&mut self, shown: String, path: PathBuf, opts: &CollectOptions) {
         if is_url(&shown) {
-            // Fetched when its batch is loaded (see `crate::fetch`).
+            // Fetched when its batch is loaded (see `crate::batch::fetch`).
             self.inputs.push(Input { shown, path });
             return;
         }

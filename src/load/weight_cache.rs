@@ -39,14 +39,13 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 
-use super::gemm::{PackedLinear, PackedMatrix};
-use super::gemm_bf16::{PackedLinearBf16, PackedMatrixBf16};
-use super::gemm_q8::{PackedLinearQ8, PackedMatrixQ8};
-use super::panels::PanelFile;
-use super::{Linear, LinearWeight};
+use caption_kernels::bf16_panels::{Bf16Panels, PackedMatrixBf16};
+use caption_kernels::gemm_f32::{F32Panels, PackedMatrix};
+use caption_kernels::gemm_q8::{PackedMatrixQ8, Q8Panels};
+use caption_kernels::{PackedLinear, PanelFile};
 
 const MAGIC: &[u8; 8] = b"CAPTPACK";
 /// Bumped whenever a kernel's panel layout, or this file's, changes.
@@ -58,7 +57,7 @@ const TRAILER: u64 = 8 + 8 + 8;
 
 /// The pack cache of one model being loaded: the packed layers a valid
 /// file holds, and the ones packed afresh, to be written by [`Self::finish`].
-pub struct PackCache {
+pub struct WeightCache {
     path: PathBuf,
     identity: String,
     file: Option<CacheFile>,
@@ -85,19 +84,21 @@ struct CacheFile {
 #[derive(Default)]
 struct State {
     /// Every packed layer of this load, in load order, from the file or packed now.
-    layers: Vec<(String, Packed)>,
+    layers: Vec<(String, PackedLayer)>,
     /// Whether any layer had to be packed now.
     packed_now: bool,
 }
 
+/// One linear layer's weight as the kernels hold it, and its bias: what
+/// the cache saves and gives back.
 #[derive(Clone)]
-enum Packed {
-    F32(Arc<PackedLinear>),
-    Bf16(Arc<PackedLinearBf16>),
-    Q8(Arc<PackedLinearQ8>),
+pub enum PackedLayer {
+    F32(Arc<PackedLinear<F32Panels>>),
+    Bf16(Arc<PackedLinear<Bf16Panels>>),
+    Q8(Arc<PackedLinear<Q8Panels>>),
     /// `--quantize`: candle's blocks (copied out of the file: candle's
     /// quantized tensors own their storage), the bias beside them.
-    Quantized {
+    Blocks {
         weight: Arc<QTensor>,
         bias: Option<Tensor>,
     },
@@ -134,7 +135,7 @@ enum Kind {
     Q8_0Panels,
 }
 
-/// What [`PackCache::finish`] did.
+/// What [`WeightCache::finish`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Every packed layer came from this file.
@@ -162,13 +163,13 @@ pub struct Source<'a> {
     pub settings: &'a str,
 }
 
-impl std::fmt::Debug for PackCache {
+impl std::fmt::Debug for WeightCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PackCache({})", self.path.display())
+        write!(f, "WeightCache({})", self.path.display())
     }
 }
 
-impl PackCache {
+impl WeightCache {
     /// The cache for `source` in folder `dir`, with the file found there if
     /// it is whole and made from the same source; a missing or unusable file
     /// is written anew by [`Self::finish`]. Fails only where the weight
@@ -192,22 +193,21 @@ impl PackCache {
 
     /// The layer `name` (its weight tensor's name), `[n, k]`, in a model
     /// of `dtype`, when the file holds it.
-    pub fn linear(&self, name: &str, n: usize, k: usize, dtype: DType) -> Option<Linear> {
+    pub fn layer(&self, name: &str, n: usize, k: usize, dtype: DType) -> Option<PackedLayer> {
         let file = self.file.as_ref()?;
         let entry = file.entries.get(name)?;
         if (entry.n, entry.k) != (n, k) {
             return None;
         }
         let packed = file.packed(entry, dtype)?;
-        let layer = packed.to_linear();
-        self.state().layers.push((name.to_string(), packed));
-        Some(layer)
+        self.state().layers.push((name.to_string(), packed.clone()));
+        Some(packed)
     }
 
     /// Where layers packed now should go: the file being written, when
     /// there was no usable cache file (after a partial hit, layers missing
     /// from the file pack into memory and are copied at the end).
-    pub(crate) fn panel_file(&self) -> Option<&Arc<PanelFile>> {
+    pub fn panel_file(&self) -> Option<&Arc<PanelFile>> {
         if self.file.is_some() {
             return None;
         }
@@ -231,17 +231,7 @@ impl PackCache {
 
     /// Offers a layer loaded without the cache: a packed or quantized one
     /// is saved by [`Self::finish`].
-    pub fn remember(&self, name: &str, layer: &Linear) {
-        let packed = match &layer.weight {
-            LinearWeight::Packed(packed) => Packed::F32(packed.clone()),
-            LinearWeight::PackedBf16(packed) => Packed::Bf16(packed.clone()),
-            LinearWeight::PackedQ8(packed) => Packed::Q8(packed.clone()),
-            LinearWeight::Quantized(QMatMul::QTensor(weight)) => Packed::Quantized {
-                weight: weight.clone(),
-                bias: layer.bias.clone(),
-            },
-            LinearWeight::Dense(_) | LinearWeight::Quantized(_) => return,
-        };
+    pub fn remember(&self, name: &str, packed: PackedLayer) {
         let mut state = self.state();
         state.layers.push((name.to_string(), packed));
         state.packed_now = true;
@@ -275,6 +265,24 @@ impl PackCache {
         })
     }
 
+    /// Each layer of this load and where its panels lie in the file being
+    /// written (`None` when they are not in it): for the tests of packing
+    /// straight into that file.
+    #[cfg(test)]
+    pub(crate) fn packed_ranges(&self) -> Vec<(String, Option<[u64; 2]>)> {
+        let file = self.panel_file();
+        self.state()
+            .layers
+            .iter()
+            .map(|(name, packed)| (name.clone(), file.and_then(|file| packed.range_in(file))))
+            .collect()
+    }
+
+    /// The file this cache reads or writes.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state
             .lock()
@@ -282,35 +290,14 @@ impl PackCache {
     }
 }
 
-impl Packed {
+impl PackedLayer {
     /// Where the panels lie in `file`, when they were packed into it.
     fn range_in(&self, file: &Arc<PanelFile>) -> Option<[u64; 2]> {
         match self {
             Self::F32(p) => p.weight.range_in(file),
             Self::Bf16(p) => p.weight.range_in(file),
             Self::Q8(p) => p.weight.range_in(file),
-            Self::Quantized { .. } => None,
-        }
-    }
-
-    fn to_linear(&self) -> Linear {
-        match self {
-            Self::F32(packed) => Linear {
-                weight: LinearWeight::Packed(packed.clone()),
-                bias: None,
-            },
-            Self::Bf16(packed) => Linear {
-                weight: LinearWeight::PackedBf16(packed.clone()),
-                bias: None,
-            },
-            Self::Q8(packed) => Linear {
-                weight: LinearWeight::PackedQ8(packed.clone()),
-                bias: None,
-            },
-            Self::Quantized { weight, bias } => Linear {
-                weight: LinearWeight::Quantized(QMatMul::QTensor(weight.clone())),
-                bias: bias.clone(),
-            },
+            Self::Blocks { .. } => None,
         }
     }
 
@@ -338,7 +325,7 @@ impl Packed {
                 weight: Cow::Borrowed(p.weight.panel_bytes()),
                 bias: p.bias.clone(),
             },
-            Self::Quantized { weight, bias } => {
+            Self::Blocks { weight, bias } => {
                 let kind = match weight.dtype() {
                     GgmlDType::Q8_0 => Kind::Q8_0,
                     GgmlDType::Q4K => Kind::Q4K,
@@ -416,7 +403,7 @@ impl CacheFile {
         }))
     }
 
-    fn packed(&self, entry: &Entry, dtype: DType) -> Option<Packed> {
+    fn packed(&self, entry: &Entry, dtype: DType) -> Option<PackedLayer> {
         let [start, end] = entry.panels;
         let (offset, bytes) = (start as usize, (end - start) as usize);
         let bias = entry.bias.map(|[start, end]| {
@@ -430,15 +417,15 @@ impl CacheFile {
         }
         let map = self.map.clone();
         Some(match entry.kind {
-            Kind::F32 => Packed::F32(Arc::new(PackedLinear {
+            Kind::F32 => PackedLayer::F32(Arc::new(PackedLinear {
                 weight: PackedMatrix::from_cache(map, offset, bytes, entry.k, entry.n)?,
                 bias,
             })),
-            Kind::Bf16 => Packed::Bf16(Arc::new(PackedLinearBf16 {
+            Kind::Bf16 => PackedLayer::Bf16(Arc::new(PackedLinear {
                 weight: PackedMatrixBf16::from_cache(map, offset, bytes, entry.k, entry.n)?,
                 bias,
             })),
-            Kind::Q8_0Panels => Packed::Q8(Arc::new(PackedLinearQ8 {
+            Kind::Q8_0Panels => PackedLayer::Q8(Arc::new(PackedLinear {
                 weight: PackedMatrixQ8::from_cache(map, offset, bytes, entry.k, entry.n)?,
                 bias,
             })),
@@ -476,7 +463,7 @@ impl CacheFile {
                     ),
                     None => None,
                 };
-                Packed::Quantized {
+                PackedLayer::Blocks {
                     weight: Arc::new(weight),
                     bias,
                 }
@@ -555,7 +542,7 @@ impl Writing {
 fn write(
     path: &Path,
     identity: &str,
-    layers: &[(String, Packed)],
+    layers: &[(String, PackedLayer)],
     writing: &Writing,
 ) -> Result<u64> {
     let file = &writing.file;
@@ -623,7 +610,7 @@ fn write(
         .take()
         .context("the cache file was already written")?;
     temp.persist(path)?;
-    Ok(file.len())
+    Ok(file.bytes_so_far())
 }
 
 /// Temporary files are named `.pack-*`; one left unmodified this long is a
@@ -747,176 +734,16 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::Module;
-
-    use super::super::{gemm, gemm_bf16, gemm_q8, LinearOptions, QuantFormat, Quantization};
     use super::*;
 
-    /// A 40 x 512 layer with a bias, held as `kind` would hold it.
-    fn layer(kind: Kind) -> (Linear, DType) {
-        let weight = Tensor::randn(0f32, 1.0, (40, 512), &Device::Cpu).unwrap();
-        let bias = Tensor::randn(0f32, 1.0, 40, &Device::Cpu).unwrap();
-        let quantized = |format| {
-            Some(Quantization {
-                format,
-                only_fast_widths: true,
-            })
-        };
-        let (dtype, format) = match kind {
-            Kind::F32 => (DType::F32, None),
-            Kind::Bf16 => (DType::BF16, None),
-            Kind::Q8_0 | Kind::Q8_0Panels => (DType::F32, quantized(QuantFormat::Q8_0)),
-            Kind::Q4K => (DType::F32, quantized(QuantFormat::Q4K)),
-        };
-        let weight = weight.to_dtype(dtype).unwrap();
-        let bias = bias.to_dtype(dtype).unwrap();
-        let layer = match kind {
-            // candle's blocks, as a CPU without our q8_0 kernel holds them.
-            Kind::Q8_0 => Linear::unpacked(weight, Some(bias), format),
-            _ => Linear::with_format(weight, Some(bias), format),
-        };
-        (layer.unwrap(), dtype)
-    }
-
-    fn cache(dir: &Path, weights: &[PathBuf], settings: &str) -> PackCache {
+    fn cache(dir: &Path, weights: &[PathBuf], settings: &str) -> WeightCache {
         let source = Source {
             label: "test-model",
             weights,
             config_json: "{}",
             settings,
         };
-        PackCache::open(dir, &source).unwrap()
-    }
-
-    /// `original` and `loaded` give bit-identical outputs on random inputs
-    /// `k` wide.
-    fn assert_same_products(
-        original: &Linear,
-        loaded: &Linear,
-        k: usize,
-        dtype: DType,
-        what: &str,
-    ) {
-        let x = Tensor::randn(0f32, 1.0, (3, k), &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap();
-        let want = original.forward(&x).unwrap().to_dtype(DType::F32).unwrap();
-        let got = loaded.forward(&x).unwrap().to_dtype(DType::F32).unwrap();
-        assert_eq!(
-            want.to_vec2::<f32>().unwrap(),
-            got.to_vec2::<f32>().unwrap(),
-            "{what}"
-        );
-    }
-
-    /// Every kind of layer comes back from the file computing bit for bit
-    /// what it computed before it was saved.
-    #[test]
-    fn every_kind_of_layer_round_trips_exactly() {
-        let dir = tempfile::tempdir().unwrap();
-        let weights = [dir.path().join("model.safetensors")];
-        std::fs::write(&weights[0], b"weights").unwrap();
-        let kinds = [
-            Kind::F32,
-            Kind::Bf16,
-            Kind::Q8_0,
-            Kind::Q4K,
-            Kind::Q8_0Panels,
-        ];
-        for kind in kinds {
-            let runs = match kind {
-                Kind::F32 => gemm::available(),
-                Kind::Bf16 => gemm_bf16::available(),
-                Kind::Q8_0Panels => gemm_q8::available(),
-                Kind::Q8_0 | Kind::Q4K => true,
-            };
-            if !runs {
-                continue;
-            }
-            let settings = format!("{kind:?}");
-            let (original, dtype) = layer(kind);
-            let saving = cache(dir.path(), &weights, &settings);
-            assert!(saving.linear("layer.weight", 40, 512, dtype).is_none());
-            saving.remember("layer.weight", &original);
-            let Outcome::Written { path, .. } = saving.finish().unwrap() else {
-                panic!("{kind:?}: not written");
-            };
-            let loading = cache(dir.path(), &weights, &settings);
-            let loaded = loading.linear("layer.weight", 40, 512, dtype).unwrap();
-            assert_eq!(loading.finish().unwrap(), Outcome::Used(path), "{kind:?}");
-            assert_eq!(
-                loading.holds_packed("layer.weight"),
-                matches!(kind, Kind::F32 | Kind::Bf16)
-            );
-            // Another shape under the same name is not this layer.
-            assert!(loading.linear("layer.weight", 512, 40, dtype).is_none());
-            assert_same_products(&original, &loaded, 512, dtype, &format!("{kind:?}"));
-            assert_eq!(
-                matches!(loaded.weight, LinearWeight::PackedQ8(_)),
-                kind == Kind::Q8_0Panels,
-                "{kind:?}"
-            );
-        }
-    }
-
-    /// On a miss, layers are packed straight into the file being written
-    /// (no copy at the end), which comes back whole and exact; a layer
-    /// past 2 MiB exercises the rounded-up reservation and the final trim.
-    #[test]
-    fn layers_packed_on_a_miss_live_in_the_file_being_written() {
-        let dir = tempfile::tempdir().unwrap();
-        let weights = [dir.path().join("model.safetensors")];
-        std::fs::write(&weights[0], b"weights").unwrap();
-        let q8_0 = Some(Quantization {
-            format: QuantFormat::Q8_0,
-            only_fast_widths: true,
-        });
-        for (dtype, quantization, runs) in [
-            (DType::F32, None, gemm::available()),
-            (DType::BF16, None, gemm_bf16::available()),
-            (DType::F32, q8_0, gemm_q8::available()),
-        ] {
-            if !runs || !cfg!(all(target_os = "linux", target_env = "gnu")) {
-                continue;
-            }
-            let settings = format!("{dtype:?} {quantization:?}");
-            let saving = Arc::new(cache(dir.path(), &weights, &settings));
-            let options = LinearOptions {
-                quantization,
-                pack_cache: Some(saving.clone()),
-            };
-            let vb = candle_nn::VarBuilder::zeros(dtype, &Device::Cpu);
-            let shapes = [("small", 40, 512), ("big", 1100, 768)];
-            let mut built = Vec::new();
-            for (name, n, k) in shapes {
-                let weight = Tensor::randn(0f32, 1.0, (n, k), &Device::Cpu).unwrap();
-                let bias = Tensor::randn(0f32, 1.0, n, &Device::Cpu).unwrap();
-                let read = || Ok((weight.to_dtype(dtype)?, Some(bias.to_dtype(dtype)?)));
-                built.push(options.layer(&vb.pp(name), k, n, read).unwrap());
-            }
-            {
-                let file = saving.panel_file().expect("a file being written");
-                let state = saving.state();
-                assert_eq!(state.layers.len(), 2);
-                for (name, packed) in &state.layers {
-                    let [start, end] = packed.range_in(file).expect(name);
-                    assert!(start % ALIGN == 0 && start < end, "{name}");
-                }
-            }
-            let Outcome::Written { path, bytes, .. } = saving.finish().unwrap() else {
-                panic!("{dtype:?}: not written");
-            };
-            assert_eq!(std::fs::metadata(&path).unwrap().len(), bytes);
-            let loading = cache(dir.path(), &weights, &settings);
-            for ((name, n, k), original) in shapes.into_iter().zip(&built) {
-                let loaded = loading
-                    .linear(&format!("{name}.weight"), n, k, dtype)
-                    .unwrap();
-                assert_same_products(original, &loaded, k, dtype, &format!("{dtype:?} {name}"));
-            }
-            assert_eq!(loading.finish().unwrap(), Outcome::Used(path));
-        }
+        WeightCache::open(dir, &source).unwrap()
     }
 
     #[test]
@@ -961,17 +788,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let weights = [dir.path().join("model.safetensors")];
         std::fs::write(&weights[0], b"weights").unwrap();
-        let (layer, _) = layer(Kind::Q8_0);
+        // candle's q8_0 blocks, as a CPU without our q8_0 kernel holds them.
+        let weight = Tensor::randn(0f32, 1.0, (40, 512), &Device::Cpu).unwrap();
+        let layer = PackedLayer::Blocks {
+            weight: Arc::new(QTensor::quantize(&weight, GgmlDType::Q8_0).unwrap()),
+            bias: None,
+        };
         let first = cache(dir.path(), &weights, "a");
-        first.remember("layer.weight", &layer);
+        first.remember("layer.weight", layer.clone());
         let Outcome::Written { path, .. } = first.finish().unwrap() else {
             panic!("not written");
         };
         assert_ne!(cache(dir.path(), &weights, "b").path, path);
         std::fs::write(&weights[0], b"other weights").unwrap();
         let stale = cache(dir.path(), &weights, "a");
-        assert!(stale.linear("layer.weight", 40, 512, DType::F32).is_none());
-        stale.remember("layer.weight", &layer);
+        assert!(stale.layer("layer.weight", 40, 512, DType::F32).is_none());
+        stale.remember("layer.weight", layer);
         let Outcome::Written { replaced, .. } = stale.finish().unwrap() else {
             panic!("not rewritten");
         };

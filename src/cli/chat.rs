@@ -9,9 +9,11 @@ use std::io::{BufRead, IsTerminal, Write};
 
 use anyhow::{bail, Context, Result};
 
-use crate::cli::{generation_flags, load_captioner, runtime_options, ChatArgs, RunStatus};
-use crate::image::LoadOptions;
-use crate::registry::{Registry, Task};
+use super::args::{generation_flags, runtime_options, ChatArgs};
+use super::model::open_model;
+use super::outcome::RunStatus;
+use caption::image::LoadOptions;
+use caption::resolve::registry::{Registry, Task};
 
 /// What a person at a terminal sees before typing a question (on stderr, so
 /// stdout stays answers only).
@@ -24,7 +26,7 @@ pub fn run(args: &ChatArgs, registry: &Registry) -> Result<RunStatus> {
     if args.decoding.num_return.is_some_and(|n| n > 1) {
         bail!("a conversation keeps one answer per question: drop --num-return");
     }
-    let (source, entry) = crate::resolve_model(&args.model, registry)?;
+    let (source, entry) = caption::resolve_model(&args.model, registry)?;
     if let Some(entry) = entry.filter(|e| e.task != Task::Chat) {
         bail!(
             "{} is a {} model and cannot hold a conversation: use a BLIP-2 model such as blip2-opt-2.7b",
@@ -36,19 +38,16 @@ pub fn run(args: &ChatArgs, registry: &Registry) -> Result<RunStatus> {
         exif_rotate: !args.no_exif_rotate,
         ..LoadOptions::default()
     };
-    let image = crate::cli::load_image(&args.image, &load_options)
+    let image = caption::batch::load_image(&args.image, &load_options)
         .map_err(|err| anyhow::anyhow!("{}: {err}", args.image))?;
-    let captioner = load_captioner(&source, entry, &runtime, args.quiet)?;
+    let captioner = open_model(&source, entry, &runtime, args.quiet)?;
     if !captioner.converses() {
         bail!(
             "{} cannot hold a conversation: use a BLIP-2 model such as blip2-opt-2.7b",
             args.model
         );
     }
-    let generation = flags
-        .or(captioner.generation_defaults())
-        .or(&entry.map(|e| e.generation.clone()).unwrap_or_default())
-        .resolve(args.decoding.seed);
+    let generation = captioner.generation(&flags, args.decoding.seed);
     generation.validate()?;
     let mut conversation = captioner.conversation(&image)?;
 
@@ -57,7 +56,7 @@ pub fn run(args: &ChatArgs, registry: &Registry) -> Result<RunStatus> {
     let mut stdout = std::io::stdout().lock();
     let mut lines = std::io::stdin().lock().lines();
     // Sampling draws from a stream named by the image, as captioning does.
-    let stream = crate::inputs::fnv1a64(args.image.as_bytes());
+    let stream = caption::batch::inputs::fnv1a64(args.image.as_bytes());
     for number in 1.. {
         if interactive {
             eprint!("{PROMPT_MARKER}");

@@ -1,0 +1,261 @@
+//! The batch engine: inputs → decoded images (the next batch decoded on
+//! another thread while the model works on this one) → captions or
+//! answers → one [`Record`] per result, sidecars written on the way. The
+//! caller decides where records go and what people see.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Result;
+
+use super::inputs::{self, Input};
+use crate::captioner::{Answer, Caption, CaptionRequest, Captioner};
+use crate::generate::GenerationConfig;
+use crate::image::{ImageError, LoadOptions};
+use crate::output::sidecar::{Existing, SidecarOptions};
+use crate::output::{CaptionOutput, Outcome, Record};
+
+/// What to do with each image.
+#[derive(Debug, Clone)]
+pub enum Work {
+    /// Caption it.
+    Caption(CaptionRequest),
+    /// Answer each question about it (the image is encoded once).
+    Ask {
+        questions: Vec<String>,
+        generation: GenerationConfig,
+    },
+}
+
+/// A run over many images.
+pub struct Batches<'a> {
+    pub captioner: &'a Captioner,
+    pub work: Work,
+    /// Images decoded and run together.
+    pub batch_size: usize,
+    pub load_options: LoadOptions,
+    /// Write each caption beside its image as well.
+    pub sidecar: Option<SidecarOptions>,
+    /// Set (by a Ctrl-C handler) to stop after the batch in hand.
+    pub stop: Option<&'a AtomicBool>,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// Every input was processed; `failed` of them gave an error record.
+    Finished { failed: usize },
+    /// Stopped by [`Batches::stop`] after `done` images; every record
+    /// given out is complete.
+    Stopped { done: usize, failed: usize },
+}
+
+/// What the engine tells its caller as it goes.
+pub trait Progress {
+    /// A line for people: an image that failed, and why.
+    fn note(&self, line: &str);
+    /// One more image done (captioned or failed).
+    fn advance(&self);
+}
+
+/// Progress nobody watches.
+pub struct Silent;
+
+impl Progress for Silent {
+    fn note(&self, _line: &str) {}
+    fn advance(&self) {}
+}
+
+impl Batches<'_> {
+    /// Runs over `inputs`, handing each result to `record` in input order
+    /// (several records for an image with several captions or questions).
+    /// Fails only where `record` fails or the model itself errs.
+    pub fn run(
+        &self,
+        inputs: &[Input],
+        progress: &dyn Progress,
+        mut record: impl FnMut(Record) -> Result<()>,
+    ) -> Result<Ended> {
+        let batch_size = self.batch_size.max(1);
+        let mut done = 0;
+        let mut failed = 0;
+        let load_options = self.load_options;
+        std::thread::scope(|scope| -> Result<Ended> {
+            // Decoding and resizing the next batch overlaps with the model's
+            // work on this one; one batch ahead is enough to hide it.
+            let (ready, batches) = std::sync::mpsc::sync_channel(1);
+            scope.spawn(move || {
+                for chunk in inputs.chunks(batch_size) {
+                    let decoded: Vec<_> = chunk
+                        .iter()
+                        .map(|input| (input, load_input(input, &load_options)))
+                        .collect();
+                    if ready.send(decoded).is_err() {
+                        break; // the run stopped
+                    }
+                }
+            });
+            for decoded in batches {
+                if self.stop.is_some_and(|stop| stop.load(Ordering::SeqCst)) {
+                    return Ok(Ended::Stopped { done, failed });
+                }
+                done += decoded.len();
+                failed += self.run_batch(decoded, progress, &mut record)?;
+            }
+            Ok(Ended::Finished { failed })
+        })
+    }
+
+    /// One batch of decoded inputs; returns how many failed.
+    fn run_batch(
+        &self,
+        decoded: Vec<(&Input, Result<image::RgbImage, ImageError>)>,
+        progress: &dyn Progress,
+        record: &mut impl FnMut(Record) -> Result<()>,
+    ) -> Result<usize> {
+        let mut failed = 0;
+        let mut loaded = Vec::with_capacity(decoded.len());
+        let mut streams = Vec::with_capacity(decoded.len());
+        let mut inputs = Vec::with_capacity(decoded.len());
+        for (input, image) in decoded {
+            match image {
+                Ok(image) => {
+                    loaded.push(image);
+                    // Each image's random stream is named by its path, so a
+                    // sampled caption is the same whatever else is in the run
+                    // (batch size, shards, skipped images).
+                    streams.push(inputs::fnv1a64(input.shown.as_bytes()));
+                    inputs.push((input, None));
+                }
+                Err(err) => {
+                    progress.note(&format!("caption: {}: {err}", input.shown));
+                    failed += 1;
+                    inputs.push((input, Some(err.to_string())));
+                }
+            }
+        }
+        let mut results = match &self.work {
+            Work::Ask {
+                questions,
+                generation,
+            } => answer_outputs(
+                self.captioner
+                    .answer_with_streams(&loaded, questions, &streams, generation)?,
+            ),
+            Work::Caption(request) => caption_outputs(
+                self.captioner
+                    .caption_with_streams(&loaded, &streams, request)?,
+            ),
+        }
+        .into_iter();
+        for (input, error) in inputs {
+            let path = input.shown.clone();
+            let outputs = match error {
+                Some(reason) => Err(reason),
+                None => {
+                    let outputs = results.next().expect("results for every loaded image");
+                    match self.write_sidecar(input, &outputs) {
+                        Err(err) => {
+                            progress.note(&format!("caption: {path}: {err:#}"));
+                            failed += 1;
+                            Err(format!("{err:#}"))
+                        }
+                        Ok(()) => Ok(outputs),
+                    }
+                }
+            };
+            match outputs {
+                Err(reason) => record(Record {
+                    path,
+                    outcome: Outcome::Error(reason),
+                })?,
+                Ok(outputs) => {
+                    for output in outputs {
+                        record(Record {
+                            path: path.clone(),
+                            outcome: Outcome::Caption(output),
+                        })?;
+                    }
+                }
+            }
+            progress.advance();
+        }
+        Ok(failed)
+    }
+
+    /// The image's first caption into its sidecar, when asked for.
+    fn write_sidecar(&self, input: &Input, outputs: &[CaptionOutput]) -> Result<()> {
+        let Some(sidecar) = &self.sidecar else {
+            return Ok(());
+        };
+        anyhow::ensure!(
+            !inputs::is_url(&input.shown),
+            "a downloaded image has no folder for a sidecar"
+        );
+        sidecar.write(&input.path, &outputs[0].text)?;
+        Ok(())
+    }
+}
+
+/// The pixels of one input: a file, or an address to download.
+pub fn load_input(input: &Input, options: &LoadOptions) -> Result<image::RgbImage, ImageError> {
+    load_image(&input.shown, options)
+}
+
+/// The pixels of one image named by a path or an address.
+pub fn load_image(shown: &str, options: &LoadOptions) -> Result<image::RgbImage, ImageError> {
+    if inputs::is_url(shown) {
+        super::fetch::load_url(shown, options)
+    } else {
+        crate::image::load_rgb8(std::path::Path::new(shown), options)
+    }
+}
+
+/// Drops the inputs that already have a sidecar when resuming (`--skip-existing`);
+/// returns the rest and how many were dropped.
+pub fn skip_captioned(inputs: Vec<Input>, sidecar: Option<&SidecarOptions>) -> (Vec<Input>, usize) {
+    let Some(sidecar) = sidecar.filter(|s| s.existing == Existing::Skip) else {
+        return (inputs, 0);
+    };
+    let before = inputs.len();
+    let kept: Vec<Input> = inputs
+        .into_iter()
+        .filter(|input| !sidecar.path_for(&input.path).exists())
+        .collect();
+    let skipped = before - kept.len();
+    (kept, skipped)
+}
+
+/// Each image's captions as output records, ranked when there are several.
+fn caption_outputs(per_image: Vec<Vec<Caption>>) -> Vec<Vec<CaptionOutput>> {
+    per_image
+        .into_iter()
+        .map(|captions| ranked(captions, None))
+        .collect()
+}
+
+/// Each image's answers, question by question, as output records.
+fn answer_outputs(per_image: Vec<Vec<Answer>>) -> Vec<Vec<CaptionOutput>> {
+    per_image
+        .into_iter()
+        .map(|answers| {
+            answers
+                .into_iter()
+                .flat_map(|a| ranked(a.answers, Some(a.question)))
+                .collect()
+        })
+        .collect()
+}
+
+fn ranked(captions: Vec<Caption>, question: Option<String>) -> Vec<CaptionOutput> {
+    let several = captions.len() > 1;
+    captions
+        .into_iter()
+        .enumerate()
+        .map(|(rank, caption)| CaptionOutput {
+            text: caption.text,
+            question: question.clone(),
+            rank: several.then_some(rank + 1),
+            score: caption.score,
+        })
+        .collect()
+}

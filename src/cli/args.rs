@@ -1,0 +1,343 @@
+//! The command line's arguments (clap structs) and the library options
+//! they stand for.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use caption::batch::inputs::Shard;
+use caption::captioner::{QuantFormat, Quantization};
+use caption::generate::{EarlyStopping, GenerationDefaults};
+use caption::output::Format;
+use caption::RuntimeOptions;
+
+const DEFAULT_CHAT_MODEL: &str = "blip2-opt-2.7b";
+
+/// Caption images with BLIP, natively: the same captions as transformers, in one fast binary.
+#[derive(Debug, Parser)]
+#[command(name = "caption", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub caption: CaptionArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List the model aliases, and whether each is already in the local cache.
+    Models,
+    /// Talk about one image with a BLIP-2 model: questions are read from stdin
+    /// line by line, each answered with the conversation so far in the prompt.
+    Chat(Box<ChatArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct CaptionArgs {
+    /// Image files and folders to caption; `-` reads paths from stdin, one per line.
+    #[arg(value_name = "IMAGE")]
+    pub images: Vec<String>,
+
+    /// Descend into subfolders of the folders given.
+    #[arg(short, long)]
+    pub recursive: bool,
+
+    /// Caption only this share of the inputs, e.g. 2/8: N jobs with 1/N..N/N split a corpus
+    /// between them with no coordination (by a stable hash of each path).
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<Shard>,
+
+    /// Also write each caption next to its image as <stem>.txt (written whole: temp file + rename).
+    #[arg(long, help_heading = "Sidecar files")]
+    pub sidecar: bool,
+
+    /// The sidecar's extension.
+    #[arg(
+        long,
+        default_value = "txt",
+        value_name = "EXT",
+        requires = "sidecar",
+        help_heading = "Sidecar files"
+    )]
+    pub sidecar_ext: String,
+
+    /// Skip images that already have a sidecar (resume an interrupted run).
+    #[arg(
+        long,
+        requires = "sidecar",
+        conflicts_with = "overwrite",
+        help_heading = "Sidecar files"
+    )]
+    pub skip_existing: bool,
+
+    /// Replace existing sidecars (without this or --skip-existing, an existing one is an error for that image).
+    #[arg(long, requires = "sidecar", help_heading = "Sidecar files")]
+    pub overwrite: bool,
+
+    /// Text put before every sidecar caption (trigger words).
+    #[arg(
+        long,
+        default_value = "",
+        requires = "sidecar",
+        help_heading = "Sidecar files"
+    )]
+    pub prefix: String,
+
+    /// Text put after every sidecar caption.
+    #[arg(
+        long,
+        default_value = "",
+        requires = "sidecar",
+        help_heading = "Sidecar files"
+    )]
+    pub suffix: String,
+
+    /// Model: an alias (see `caption models`), a Hub id `owner/name[@revision]`, or a local folder
+    /// [default: blip-base; with --ask, blip-vqa-base].
+    #[arg(short, long, env = "CAPTION_MODEL")]
+    pub model: Option<String>,
+
+    /// Ask a question about each image (needs a VQA or BLIP-2 model); repeat to ask several.
+    #[arg(long, value_name = "QUESTION")]
+    pub ask: Vec<String>,
+
+    /// Start every caption with this text, e.g. "a picture of" (BLIP prints it as part of the caption,
+    /// as transformers does); BLIP-2 continues it as a raw prompt and prints only the continuation.
+    #[arg(long)]
+    pub prompt: Option<String>,
+
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+
+    /// Images encoded and decoded together. Larger batches use the CPU better; results are identical.
+    #[arg(long, default_value_t = 1, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: u32,
+
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+
+    #[command(flatten)]
+    pub decoding: DecodingArgs,
+
+    /// Ignore EXIF orientation (transformers does): use the pixels as stored.
+    #[arg(long)]
+    pub no_exif_rotate: bool,
+
+    /// Print nothing on stderr but errors.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// How to pick the tokens of a caption or answer.
+#[derive(Debug, Args)]
+pub struct DecodingArgs {
+    /// Generate at most this many new tokens [default: 20, within the model's position limit].
+    #[arg(long, value_name = "N", help_heading = "Decoding")]
+    pub max_tokens: Option<usize>,
+
+    /// Generate at least this many new tokens before the caption may end.
+    #[arg(long, value_name = "N", help_heading = "Decoding")]
+    pub min_tokens: Option<usize>,
+
+    /// Beam search with N beams (1: greedy) [default: 1].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), help_heading = "Decoding")]
+    pub beams: Option<u32>,
+
+    /// Beam search: score = log-prob / length^P; above 0 favours longer captions [default: 1.0].
+    #[arg(
+        long,
+        value_name = "P",
+        allow_negative_numbers = true,
+        help_heading = "Decoding"
+    )]
+    pub length_penalty: Option<f32>,
+
+    /// Beam search stopping rule: false (transformers' heuristic), true (as soon as N captions finished), never [default: false].
+    #[arg(long, value_enum, help_heading = "Decoding")]
+    pub early_stopping: Option<EarlyStopping>,
+
+    /// Print the N best captions of the beam search, best first [default: 1].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), help_heading = "Decoding")]
+    pub num_return: Option<u32>,
+
+    /// Sample tokens instead of taking the most likely one.
+    #[arg(long, help_heading = "Decoding")]
+    pub sample: bool,
+
+    /// Sampling temperature (below 1: closer to greedy).
+    #[arg(long, value_name = "T", help_heading = "Decoding")]
+    pub temperature: Option<f32>,
+
+    /// Sample only among the K most likely tokens; 0 turns this off [default: 50].
+    #[arg(long, value_name = "K", help_heading = "Decoding")]
+    pub top_k: Option<usize>,
+
+    /// Sample only among the most likely tokens whose probabilities add up to P.
+    #[arg(long, value_name = "P", help_heading = "Decoding")]
+    pub top_p: Option<f32>,
+
+    /// Seed for --sample: the same seed gives the same captions, whatever the batch size.
+    #[arg(long, default_value_t = 0, help_heading = "Decoding")]
+    pub seed: u64,
+
+    /// Penalise tokens already in the caption (or prompt): above 1 discourages repetition.
+    #[arg(long, value_name = "P", help_heading = "Decoding")]
+    pub repetition_penalty: Option<f32>,
+
+    /// Never repeat an N-token sequence ("bald bald bald").
+    #[arg(long, value_name = "N", help_heading = "Decoding")]
+    pub no_repeat_ngram: Option<usize>,
+}
+
+/// Where and how the model runs.
+#[derive(Debug, Args)]
+pub struct RuntimeArgs {
+    /// Where to run: cpu, cuda, cuda:N, or auto (a GPU if this build supports one and it is present).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+
+    /// Weight precision. auto: f32 on CPU, the checkpoint's dtype on GPU.
+    /// bf16 halves the memory and, on CPUs with AVX512-BF16 (AMD Zen 4+,
+    /// Intel Sapphire Rapids+), is also the fastest, with near-f32 outputs.
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
+    pub dtype: DtypeArg,
+    /// Quantize the linear layers' weights at load (CPU): q8_0 (8-bit) or
+    /// q4k (4-bit k-quants). Faster and smaller, with slightly different
+    /// outputs; layers whose input width is not a multiple of 256 stay as
+    /// they are.
+    #[arg(long, value_enum)]
+    pub quantize: Option<QuantizeArg>,
+
+    /// CPU threads for the model [default: all cores].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub threads: Option<u32>,
+
+    /// Do not keep a copy of the weights in the CPU kernels' layout under
+    /// ~/.cache/caption/packed ($XDG_CACHE_HOME/caption/packed). The first
+    /// run of each model and setting writes it (about the model's size);
+    /// later runs map it instead of converting the weights again, and start
+    /// several times faster. Also CAPTION_NO_WEIGHT_CACHE=1.
+    #[arg(long, env = "CAPTION_NO_WEIGHT_CACHE", hide_env = true,
+          value_parser = clap::builder::FalseyValueParser::new())]
+    pub no_weight_cache: bool,
+}
+
+/// `caption chat IMAGE`.
+#[derive(Debug, Args)]
+pub struct ChatArgs {
+    /// The image to talk about.
+    #[arg(value_name = "IMAGE")]
+    pub image: String,
+
+    /// A BLIP-2 model: an alias (see `caption models`), a Hub id, or a local folder.
+    #[arg(short, long, env = "CAPTION_CHAT_MODEL", default_value = DEFAULT_CHAT_MODEL)]
+    pub model: String,
+
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+
+    #[command(flatten)]
+    pub decoding: DecodingArgs,
+
+    /// Ignore EXIF orientation (transformers does): use the pixels as stored.
+    #[arg(long)]
+    pub no_exif_rotate: bool,
+
+    /// Print nothing on stderr but errors and notices about the conversation.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QuantizeArg {
+    #[value(name = "q8_0")]
+    Q8_0,
+    Q4k,
+}
+
+impl QuantizeArg {
+    pub fn quantization(self) -> Quantization {
+        Quantization::of(match self {
+            Self::Q8_0 => QuantFormat::Q8_0,
+            Self::Q4k => QuantFormat::Q4K,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    Auto,
+    F32,
+    F16,
+    Bf16,
+}
+
+impl DtypeArg {
+    pub fn dtype(self) -> Option<DType> {
+        match self {
+            Self::Auto => None,
+            Self::F32 => Some(DType::F32),
+            Self::F16 => Some(DType::F16),
+            Self::Bf16 => Some(DType::BF16),
+        }
+    }
+}
+
+/// The decoding settings the flags set; unset ones are left to the model's
+/// defaults (see [`GenerationDefaults`]).
+pub fn generation_flags(args: &DecodingArgs) -> GenerationDefaults {
+    GenerationDefaults {
+        max_new_tokens: args.max_tokens,
+        min_new_tokens: args.min_tokens,
+        num_beams: args.beams.map(|n| n as usize),
+        do_sample: args.sample.then_some(true),
+        length_penalty: args.length_penalty,
+        early_stopping: args.early_stopping.map(Into::into),
+        num_return_sequences: args.num_return.map(|n| n as usize),
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        repetition_penalty: args.repetition_penalty,
+        no_repeat_ngram_size: args.no_repeat_ngram,
+    }
+}
+
+/// `--device`, `--dtype`, `--threads` and the weight cache, applied.
+pub fn runtime_options(args: &RuntimeArgs) -> Result<RuntimeOptions> {
+    if let Some(threads) = args.threads {
+        // candle's CPU kernels size their thread pools from this variable; we
+        // are still single-threaded here, before any of them start.
+        std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
+    }
+    Ok(RuntimeOptions {
+        device: parse_device(&args.device)?,
+        dtype: args.dtype.dtype(),
+        quantization: args.quantize.map(QuantizeArg::quantization),
+        pack_cache: (!args.no_weight_cache)
+            .then(|| caption::resolve::bundled::cache_root().join("packed")),
+    })
+}
+
+/// `cpu`, `cuda`, `cuda:N` or `auto`.
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let cuda = |ordinal: usize| -> Result<Device> {
+        if !cfg!(feature = "cuda") {
+            bail!("this build has no CUDA support: rebuild with `--features cuda`, or use --device cpu");
+        }
+        Device::new_cuda(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
+    };
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(if cfg!(feature = "cuda") {
+            Device::cuda_if_available(0).unwrap_or(Device::Cpu)
+        } else {
+            Device::Cpu
+        }),
+        "cuda" => cuda(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(ordinal)) => cuda(ordinal),
+            _ => bail!("unknown device `{other}`: expected cpu, cuda, cuda:N or auto"),
+        },
+    }
+}

@@ -1,0 +1,241 @@
+//! `caption IMAGES...`: caption images or answer questions about them,
+//! results on stdout in the chosen format.
+
+use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Result};
+
+use super::args::{generation_flags, runtime_options, CaptionArgs};
+use super::model::open_model;
+use super::outcome::RunStatus;
+use caption::batch::inputs::{self, CollectOptions, Input};
+use caption::batch::{skip_captioned, Batches, Ended, Progress, Work};
+use caption::image::LoadOptions;
+use caption::output::sidecar::{Existing, SidecarOptions};
+use caption::output::{self, Format, Outcome, Record, TextColumns};
+use caption::resolve::registry::{Registry, Task};
+use caption::CaptionRequest;
+
+const DEFAULT_CAPTION_MODEL: &str = "blip-base";
+const DEFAULT_VQA_MODEL: &str = "blip-vqa-base";
+
+/// Refuses to caption with a VQA model or to answer with a captioning one,
+/// rather than silently doing the other job.
+fn check_task(model: &str, task: Task, asking: bool) -> Result<()> {
+    match (task, asking) {
+        (Task::Caption, true) => bail!(
+            "{model} is a captioning model and cannot answer --ask questions; \
+             use a VQA model, e.g. --model {DEFAULT_VQA_MODEL} (see `caption models`)"
+        ),
+        (Task::Vqa, false) => bail!(
+            "{model} answers questions: pass --ask QUESTION, or caption with e.g. --model {DEFAULT_CAPTION_MODEL}"
+        ),
+        (Task::Caption | Task::Vqa | Task::Chat, _) => Ok(()),
+    }
+}
+
+/// A progress bar with rate and ETA on stderr, only when stderr is a terminal
+/// (never in pipes or logs) and not `--quiet`; messages for people go through
+/// it so they do not tear the bar.
+struct ProgressBar {
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl ProgressBar {
+    fn new(total: usize, quiet: bool) -> Self {
+        let shown = !quiet && std::io::stderr().is_terminal() && total > 1;
+        let bar = shown.then(|| {
+            let bar = indicatif::ProgressBar::new(total as u64);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} images  {per_sec}  ETA {eta}",
+                )
+                .expect("a valid template"),
+            );
+            bar
+        });
+        Self { bar }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+impl Progress for ProgressBar {
+    fn note(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.suspend(|| eprintln!("{line}")),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    fn advance(&self) {
+        if let Some(bar) = &self.bar {
+            bar.inc(1);
+        }
+    }
+}
+
+/// Turns the first Ctrl-C into a request to stop after the batch in hand (so
+/// every line and sidecar written is whole); a second one ends the process at once.
+fn stop_on_ctrl_c() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let seen = Arc::clone(&flag);
+    let installed = ctrlc::set_handler(move || {
+        if seen.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("caption: stopping after the current batch (Ctrl-C again to stop now)");
+    });
+    if let Err(err) = installed {
+        // Without the handler Ctrl-C still stops the run, only less gently.
+        eprintln!("caption: warning: cannot handle Ctrl-C: {err}");
+    }
+    flag
+}
+
+/// The images to run on: the arguments walked, stdin read, the shard taken.
+fn gather_inputs(args: &CaptionArgs) -> Result<(Vec<Input>, Vec<inputs::InputProblem>)> {
+    let options = CollectOptions {
+        recursive: args.recursive,
+    };
+    let (mut found, mut problems) =
+        inputs::collect(&args.images, std::io::stdin().lock(), &options);
+    if let Some(shard) = args.shard {
+        found.retain(|input| shard.takes(&input.shown));
+        problems.retain(|problem| shard.takes(&problem.shown));
+    }
+    if found.is_empty() && problems.is_empty() && args.shard.is_none() {
+        bail!("no images found in {}", args.images.join(" "));
+    }
+    Ok((found, problems))
+}
+
+pub fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStatus> {
+    if args.images.is_empty() {
+        bail!("no images given (try `caption photo.jpg`, or `caption --help`)");
+    }
+    let runtime = runtime_options(&args.runtime)?;
+    let flags = generation_flags(&args.decoding);
+    // Bad flag values fail before any download or model load.
+    flags.resolve(args.decoding.seed).validate()?;
+    let asking = !args.ask.is_empty();
+    if let Some(empty) = args.ask.iter().position(|q| q.trim().is_empty()) {
+        bail!("--ask number {} is empty: ask a question", empty + 1);
+    }
+    if asking && args.sidecar {
+        bail!("--sidecar writes captions; it cannot be combined with --ask");
+    }
+    if asking && args.prompt.is_some() {
+        bail!(
+            "--prompt and --ask cannot be combined: --ask makes the prompt from the question \
+             (with BLIP-2, pass a whole prompt with --prompt instead)"
+        );
+    }
+    let model = args.model.as_deref().unwrap_or(if asking {
+        DEFAULT_VQA_MODEL
+    } else {
+        DEFAULT_CAPTION_MODEL
+    });
+    let (source, entry) = caption::resolve_model(model, registry)?;
+    if let Some(entry) = entry {
+        check_task(model, entry.task, asking)?;
+    }
+    let captioner = open_model(&source, entry, &runtime, args.quiet)?;
+    let task = match (captioner.captions(), captioner.answers_questions()) {
+        (true, true) => Task::Chat,
+        (false, _) => Task::Vqa,
+        (true, false) => Task::Caption,
+    };
+    check_task(model, task, asking)?;
+    let request = CaptionRequest {
+        prompt: args.prompt.clone(),
+        generation: captioner.generation(&flags, args.decoding.seed),
+    };
+    request.generation.validate()?;
+    let load_options = LoadOptions {
+        exif_rotate: !args.no_exif_rotate,
+        ..LoadOptions::default()
+    };
+    let (inputs, problems) = gather_inputs(args)?;
+    let sidecar = args.sidecar.then(|| SidecarOptions {
+        extension: args.sidecar_ext.clone(),
+        existing: if args.skip_existing {
+            Existing::Skip
+        } else if args.overwrite {
+            Existing::Overwrite
+        } else {
+            Existing::Refuse
+        },
+        prefix: args.prefix.clone(),
+        suffix: args.suffix.clone(),
+    });
+    let (inputs, skipped) = skip_captioned(inputs, sidecar.as_ref());
+    if skipped > 0 && !args.quiet {
+        eprintln!("caption: skipped {skipped} images that already have a sidecar");
+    }
+    let several = inputs.len() + problems.len() > 1
+        || args
+            .images
+            .iter()
+            .any(|a| a == "-" || std::path::Path::new(a).is_dir());
+    let stdout = std::io::stdout().lock();
+    let columns = TextColumns {
+        path: several,
+        // Text shows the question only when there is a choice; the
+        // delimited formats always carry it when asking.
+        question: if matches!(args.format, Format::Csv | Format::Tsv) {
+            asking
+        } else {
+            args.ask.len() > 1
+        },
+        ranked: request.generation.num_return_sequences > 1,
+    };
+    let mut writer = output::writer(args.format, stdout, columns);
+    let mut status = RunStatus::AllGood;
+    for problem in problems {
+        eprintln!("caption: {}: {}", problem.shown, problem.reason);
+        status = RunStatus::SomeFailed;
+        writer.write(&Record {
+            path: problem.shown,
+            outcome: Outcome::Error(problem.reason),
+        })?;
+    }
+    let work = if asking {
+        Work::Ask {
+            questions: args.ask.clone(),
+            generation: request.generation,
+        }
+    } else {
+        Work::Caption(request)
+    };
+    let interrupted = stop_on_ctrl_c();
+    let batches = Batches {
+        captioner: &captioner,
+        work,
+        batch_size: args.batch_size as usize,
+        load_options,
+        sidecar,
+        stop: Some(interrupted.as_ref()),
+    };
+    let progress = ProgressBar::new(inputs.len(), args.quiet);
+    let ended = batches.run(&inputs, &progress, |record| Ok(writer.write(&record)?))?;
+    progress.finish();
+    writer.finish()?;
+    match ended {
+        Ended::Stopped { done, .. } => {
+            eprintln!(
+                "caption: interrupted after {done} of {} images; every result written is complete",
+                inputs.len()
+            );
+            Ok(RunStatus::Interrupted)
+        }
+        Ended::Finished { failed } if failed > 0 => Ok(RunStatus::SomeFailed),
+        Ended::Finished { .. } => Ok(status),
+    }
+}

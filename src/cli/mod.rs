@@ -1,0 +1,25 @@
+//! The command line: clap structs, resolved once into a validated run, then
+//! executed over the library. Nothing here but arguments and what people
+//! see: the work is the library's.
+
+mod args;
+mod chat;
+mod images;
+mod model;
+mod outcome;
+
+pub use args::Cli;
+use args::Command;
+pub use outcome::{is_broken_pipe, RunStatus};
+
+use anyhow::Result;
+use caption::resolve::registry::Registry;
+
+pub fn run(cli: Cli) -> Result<RunStatus> {
+    let registry = Registry::builtin();
+    match cli.command {
+        Some(Command::Models) => model::list_models(&registry),
+        Some(Command::Chat(args)) => chat::run(&args, &registry),
+        None => images::caption_images(&cli.caption, &registry),
+    }
+}

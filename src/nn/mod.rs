@@ -1,0 +1,44 @@
+//! The layers model files are built from: [`Linear`] over every weight
+//! format, [`TokenEmbedding`], [`LayerNorm`], [`Activation`], and one entry
+//! point per shape of attention ([`scaled_dot_product_attention`],
+//! [`fused_qkv_attention`], [`shared_kv_attention`]) with its [`KvCache`].
+//!
+//! This is the only place that knows which kernels the CPU runs: each layer
+//! asks `caption_kernels` at load or at `forward` whether a fast path
+//! exists here and otherwise uses candle's operations (the path on GPUs and
+//! on CPUs without AVX-512). Model files name no CPU feature.
+
+mod activation;
+mod attention;
+mod embedding;
+mod linear;
+mod norm;
+mod ops;
+#[cfg(test)]
+mod test_data;
+
+pub use activation::{gelu_erf, residual_add, softmax_last_dim, Activation};
+pub use attention::{
+    causal_mask, fused_qkv_attention, general_attention, last_position, merge_heads,
+    reference_attention, scaled_dot_product_attention, shared_kv_attention, single_query_attention,
+    split_heads, KvCache,
+};
+pub use embedding::TokenEmbedding;
+pub use linear::{
+    linear, linear_no_bias, packing_settings, small_batch_linear, Linear, LinearOptions,
+    QuantFormat, Quantization,
+};
+pub use norm::{layer_norm, LayerNorm};
+
+/// Whether this CPU runs our packed float32 kernels (AVX-512, not turned
+/// off with `CAPTION_KERNELS=portable`): the fast path the parity tests
+/// compare with the portable one.
+pub fn packed_kernels_available() -> bool {
+    caption_kernels::gemm_f32::available()
+}
+
+/// From now on, layers built in this process take candle's portable
+/// operations, as on a CPU without AVX-512.
+pub fn use_portable_kernels() {
+    caption_kernels::cpu::use_portable_kernels()
+}
