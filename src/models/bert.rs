@@ -10,8 +10,8 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::nn::{
-    layer_norm, linear, merge_heads, residual_add, scaled_dot_product_attention,
-    shared_kv_attention, split_heads, LayerNorm, Linear, LinearOptions,
+    layer_norm, linear, merge_heads, residual_add, scaled_dot_product_attention, split_heads,
+    LayerNorm, Linear, LinearOptions, SdpaParams,
 };
 
 /// The sizes of one attention block.
@@ -91,7 +91,11 @@ impl BertAttention {
         mask: Option<&Tensor>,
     ) -> Result<Tensor> {
         let q = split_heads(&self.query.forward(hidden)?, self.num_heads)?;
-        let context = scaled_dot_product_attention(&q, k, v, self.scale, mask)?;
+        let params = SdpaParams {
+            mask,
+            ..SdpaParams::scaled(self.scale)
+        };
+        let context = scaled_dot_product_attention(&q, k, v, &params)?;
         self.output(&context, hidden)
     }
 
@@ -105,7 +109,11 @@ impl BertAttention {
         kv_index: &[u32],
     ) -> Result<Tensor> {
         let q = split_heads(&self.query.forward(hidden)?, self.num_heads)?;
-        let context = shared_kv_attention(&q, k, v, kv_index, self.scale)?;
+        let params = SdpaParams {
+            kv_rows: Some(kv_index),
+            ..SdpaParams::scaled(self.scale)
+        };
+        let context = scaled_dot_product_attention(&q, k, v, &params)?;
         self.output(&context, hidden)
     }
 

@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use crate::nn::{
     causal_mask, last_position, merge_heads, residual_add, scaled_dot_product_attention,
-    split_heads, Activation, KvCache, LayerNorm, Linear, LinearOptions, TokenEmbedding,
+    split_heads, Activation, KvCache, LayerNorm, Linear, LinearOptions, SdpaParams, TokenEmbedding,
 };
 
 /// `OPTConfig`; defaults are transformers' for keys a checkpoint omits.
@@ -184,7 +184,11 @@ impl OptAttention {
         let k = split_heads(&self.k_proj.forward(hidden)?, self.num_heads)?;
         let v = split_heads(&self.v_proj.forward(hidden)?, self.num_heads)?;
         let (k, v) = cache.append(&k, &v)?;
-        let context = scaled_dot_product_attention(&q, &k, &v, 1.0, mask)?;
+        let params = SdpaParams {
+            mask,
+            ..SdpaParams::scaled(1.0)
+        };
+        let context = scaled_dot_product_attention(&q, &k, &v, &params)?;
         self.out_proj.forward(&merge_heads(&context)?)
     }
 }

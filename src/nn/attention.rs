@@ -60,20 +60,62 @@ pub fn merge_heads(xs: &Tensor) -> Result<Tensor> {
     xs.transpose(1, 2)?.reshape((b, t, h * hd))
 }
 
-/// softmax(q kᵀ · scale + mask) v over `[batch, heads, seq, head_dim]` tensors.
-/// A decoding step (one query, no mask) goes to the single-query kernel.
+/// What an attention call needs besides `q`, `k` and `v`.
+#[derive(Debug, Clone, Copy)]
+pub struct SdpaParams<'a> {
+    /// What `q kᵀ` is multiplied by (transformers divides by √head_dim).
+    pub scale: f64,
+    /// Added to the scores, broadcast over batch and heads: a causal or
+    /// padding mask (0 where a query may look, -inf where not).
+    pub mask: Option<&'a Tensor>,
+    /// Row `r` of `q` reads row `kv_rows[r]` of `k` and `v`, so the beams of
+    /// one image share its cross-attention keys and values instead of
+    /// copying them; `None`: row `r` reads row `r`.
+    pub kv_rows: Option<&'a [u32]>,
+}
+
+impl SdpaParams<'_> {
+    /// Unmasked, each row its own keys.
+    pub fn scaled(scale: f64) -> Self {
+        Self {
+            scale,
+            mask: None,
+            kv_rows: None,
+        }
+    }
+}
+
+/// softmax(q kᵀ · scale + mask) v over `q [rows, heads, queries,
+/// head_dim]` and `k`, `v [kv_rows, heads, keys, head_dim]`: the attention
+/// every model calls. A decoding step (one query, no mask) goes to the
+/// single-query kernel on the CPU; the rest to candle's operations.
 pub fn scaled_dot_product_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    scale: f64,
-    mask: Option<&Tensor>,
+    params: &SdpaParams,
 ) -> Result<Tensor> {
-    if mask.is_none() && q.dim(2)? == 1 {
-        let rows: Vec<u32> = (0..q.dim(0)? as u32).collect();
-        return single_query_attention(q, k, v, &rows, scale);
+    let SdpaParams {
+        scale,
+        mask,
+        kv_rows,
+    } = *params;
+    let identity: Vec<u32>;
+    let rows = match kv_rows {
+        Some(rows) => rows,
+        None => {
+            identity = (0..q.dim(0)? as u32).collect();
+            &identity
+        }
+    };
+    match mask {
+        None if q.dim(2)? == 1 => single_query_attention(q, k, v, rows, scale),
+        None => reference_attention(q, k, v, rows, scale),
+        Some(mask) => {
+            let (k, v) = gather_rows(k, v, rows)?;
+            general_attention(q, &k, &v, scale, Some(mask))
+        }
     }
-    general_attention(q, k, v, scale, mask)
 }
 
 /// [`scaled_dot_product_attention`] with candle's general operations.
@@ -164,26 +206,8 @@ pub fn fused_qkv_attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Ten
     let q = qkv.get(0)?.contiguous()?;
     let k = qkv.get(1)?.contiguous()?;
     let v = qkv.get(2)?.contiguous()?;
-    let context = scaled_dot_product_attention(&q, &k, &v, scale, None)?;
+    let context = scaled_dot_product_attention(&q, &k, &v, &SdpaParams::scaled(scale))?;
     merge_heads(&context)
-}
-
-/// Attention from `q [rows, heads, queries, head_dim]` to keys and values
-/// `[kv_rows, heads, keys, head_dim]` that rows share: row `r` reads row
-/// `kv_index[r]` (the beams of one image share its cross-attention keys and
-/// values). No mask.
-pub fn shared_kv_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    kv_index: &[u32],
-    scale: f64,
-) -> Result<Tensor> {
-    if q.dim(2)? == 1 {
-        single_query_attention(q, k, v, kv_index, scale)
-    } else {
-        reference_attention(q, k, v, kv_index, scale)
-    }
 }
 
 /// softmax(q kᵀ · scale) v for one query per (row, head).
@@ -245,15 +269,20 @@ pub fn reference_attention(
     kv_index: &[u32],
     scale: f64,
 ) -> Result<Tensor> {
-    let identity =
-        kv_index.len() == k.dim(0)? && kv_index.iter().enumerate().all(|(i, &r)| i == r as usize);
-    let (k, v) = if identity {
-        (k.clone(), v.clone())
-    } else {
-        let index = Tensor::new(kv_index, k.device())?;
-        (k.index_select(&index, 0)?, v.index_select(&index, 0)?)
-    };
+    let (k, v) = gather_rows(k, v, kv_index)?;
     general_attention(q, &k, &v, scale, None)
+}
+
+/// Rows `rows` of `k` and `v`, in that order (themselves when that is
+/// every row in order).
+fn gather_rows(k: &Tensor, v: &Tensor, rows: &[u32]) -> Result<(Tensor, Tensor)> {
+    let identity =
+        rows.len() == k.dim(0)? && rows.iter().enumerate().all(|(i, &r)| i == r as usize);
+    if identity {
+        return Ok((k.clone(), v.clone()));
+    }
+    let index = Tensor::new(rows, k.device())?;
+    Ok((k.index_select(&index, 0)?, v.index_select(&index, 0)?))
 }
 
 #[cfg(test)]

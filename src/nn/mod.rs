@@ -1,7 +1,8 @@
 //! The layers model files are built from: [`Linear`] over every weight
-//! format, [`TokenEmbedding`], [`LayerNorm`], [`Activation`], and one entry
-//! point per shape of attention ([`scaled_dot_product_attention`],
-//! [`fused_qkv_attention`], [`shared_kv_attention`]) with its [`KvCache`].
+//! format, [`TokenEmbedding`], [`LayerNorm`], [`Activation`], and attention:
+//! one entry point, [`scaled_dot_product_attention`] (with
+//! [`fused_qkv_attention`], the same attention read from a ViT's fused
+//! projection), and its [`KvCache`].
 //!
 //! This is the only place that knows which kernels the CPU runs: each layer
 //! asks `caption_kernels` at load or at `forward` whether a fast path
@@ -19,9 +20,8 @@ mod test_data;
 
 pub use activation::{gelu_erf, residual_add, softmax_last_dim, Activation};
 pub use attention::{
-    causal_mask, fused_qkv_attention, general_attention, last_position, merge_heads,
-    reference_attention, scaled_dot_product_attention, shared_kv_attention, single_query_attention,
-    split_heads, KvCache,
+    causal_mask, fused_qkv_attention, last_position, merge_heads, scaled_dot_product_attention,
+    split_heads, KvCache, SdpaParams,
 };
 pub use embedding::TokenEmbedding;
 pub use linear::{

@@ -1,7 +1,7 @@
 //! The hot CPU kernels on the vision encoder's shapes, ours against
 //! candle's general operations, in GFLOP/s:
 //!
-//!     cargo bench --bench kernels [-- ROUNDS]
+//!     cargo bench -p caption-kernels --bench kernels [-- ROUNDS]
 //!
 //! A working tool, like `stages`: no criterion, only the clock.
 

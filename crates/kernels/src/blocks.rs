@@ -69,6 +69,7 @@ impl<T> OutputPtr<T> {
 }
 
 /// The first `lanes` (at most 16) lanes of a register.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn lane_mask(lanes: usize) -> u16 {
     if lanes >= 16 {

@@ -240,3 +240,80 @@ fn dot_rows_body<T: Element>(x: &[f32], w: &[T], k: usize, out: &mut [f32]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_data::{random, relative_difference};
+
+    /// Five rows (beams) reading two images' keys, odd sizes for the
+    /// tails: the dispatched kernel equals the portable body bit for bit
+    /// (the same operations in the same order, whatever the vector width)
+    /// and an f64 reference to 1e-5.
+    #[test]
+    fn single_query_attention_matches_its_portable_body_and_the_reference() {
+        let shape = SingleQuery {
+            heads: 3,
+            keys: 37,
+            head_dim: 20,
+        };
+        let (heads, keys, d) = (shape.heads, shape.keys, shape.head_dim);
+        let index = [1u32, 0, 0, 1, 1];
+        let q = random(index.len() * heads * d, 1);
+        let k = random(2 * heads * keys * d, 2);
+        let v = random(2 * heads * keys * d, 3);
+        let ours = single_query_attention(&q, &k, &v, &index, shape, 0.3);
+        let mut portable = vec![0.0f32; ours.len()];
+        let mut reference = vec![0.0f32; ours.len()];
+        for (task, (out, q)) in portable.chunks_mut(d).zip(q.chunks(d)).enumerate() {
+            let (row, head) = (task / heads, task % heads);
+            let start = (index[row] as usize * heads + head) * keys * d;
+            let (k, v) = (&k[start..][..keys * d], &v[start..][..keys * d]);
+            attend_one_body(q, k, v, 0.3, out);
+            let scores: Vec<f64> = k
+                .chunks(d)
+                .map(|key| 0.3 * q.iter().zip(key).map(|(a, b)| (a * b) as f64).sum::<f64>())
+                .collect();
+            let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+            let total: f64 = weights.iter().sum();
+            for (i, r) in reference[task * d..][..d].iter_mut().enumerate() {
+                let value: f64 = (0..keys).map(|j| weights[j] * v[j * d + i] as f64).sum();
+                *r = (value / total) as f32;
+            }
+        }
+        assert_eq!(ours, portable);
+        let difference = relative_difference(&ours, &reference);
+        assert!(difference < 1e-5, "relative difference {difference}");
+    }
+
+    /// 200 outputs: three full tasks of 64 and a partial one.
+    #[test]
+    fn small_batch_linear_matches_its_portable_body_and_the_reference() {
+        let (k, n) = (77, 200);
+        for rows in [1, 3, 8] {
+            let x = random(rows * k, 9);
+            let w = random(n * k, 10);
+            let ours = small_batch_linear(&x, &w, rows, k, n);
+            let mut by_output = vec![0.0f32; n * rows];
+            dot_rows_body(&x, &w, k, &mut by_output);
+            let portable: Vec<f32> = (0..rows * n)
+                .map(|i| by_output[(i % n) * rows + i / n])
+                .collect();
+            assert_eq!(ours, portable, "{rows} rows");
+            let reference: Vec<f32> = (0..rows * n)
+                .map(|i| {
+                    let (row, column) = (i / n, i % n);
+                    (0..k)
+                        .map(|d| (x[row * k + d] * w[column * k + d]) as f64)
+                        .sum::<f64>() as f32
+                })
+                .collect();
+            let difference = relative_difference(&ours, &reference);
+            assert!(
+                difference < 1e-5,
+                "{rows} rows: relative difference {difference}"
+            );
+        }
+    }
+}

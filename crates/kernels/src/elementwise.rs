@@ -232,6 +232,45 @@ mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
 
+    /// The vector builds (AVX2, AVX-512) of softmax, the scaled softmax
+    /// and GELU give the portable bodies' results bit for bit: the same
+    /// operations in the same order, whatever the vector width. A masked
+    /// row (all -inf) gives NaN, as torch's softmax does.
+    #[test]
+    fn vector_builds_equal_the_portable_bodies() {
+        let width = 77;
+        let mut xs = crate::test_data::random(5 * width, 14);
+        xs[4 * width..].fill(f32::NEG_INFINITY);
+        let mut ours = vec![0.0f32; xs.len()];
+        softmax_rows(&xs, width, &mut ours);
+        for (row, out) in xs.chunks(width).zip(ours.chunks(width)) {
+            let mut portable = vec![0.0f32; width];
+            softmax_row_body(row, &mut portable);
+            assert_eq!(
+                out.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                portable.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
+            let mut scaled = row.to_vec();
+            scaled_softmax_in_place(&mut scaled, 0.5);
+            let mut portable = row.to_vec();
+            scaled_softmax_body(&mut portable, 0.5);
+            assert_eq!(
+                scaled.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                portable.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
+        }
+        assert!(ours[4 * width..].iter().all(|x| x.is_nan()));
+        let xs: Vec<f32> = crate::test_data::random(3 * ELEMENTWISE_CHUNK + 5, 15)
+            .iter()
+            .map(|x| 3.0 * x)
+            .collect();
+        let mut ours = vec![0.0f32; xs.len()];
+        gelu_erf(&xs, &mut ours);
+        let mut portable = vec![0.0f32; xs.len()];
+        gelu_chunk_body(&xs, &mut portable);
+        assert_eq!(ours, portable);
+    }
+
     /// The vectorisable exponent bits are `as i32`'s for every `n` that
     /// `exp_f32` can make (the clamp keeps it a whole number in [-126,
     /// 128] unless x is NaN), so `exp_f32` is bit for bit what it was.

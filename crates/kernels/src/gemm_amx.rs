@@ -30,8 +30,12 @@
 
 use half::bf16;
 
-use crate::bf16_panels::{round_to_bf16, PackedMatrixBf16};
-use crate::blocks::{for_each_block, lane_mask, OutputPtr};
+#[cfg(target_arch = "x86_64")]
+use crate::bf16_panels::round_to_bf16;
+use crate::bf16_panels::PackedMatrixBf16;
+#[cfg(target_arch = "x86_64")]
+use crate::blocks::lane_mask;
+use crate::blocks::{for_each_block, OutputPtr};
 
 /// Rows of a tile, and of `a` per tile load.
 const TILE_ROWS: usize = 16;
@@ -46,6 +50,7 @@ const PAIR_ROW_BYTES: usize = 2 * NR * 2;
 /// How far ahead [`short_block_sums`] prefetches the panel: four depth
 /// steps (BLIP-base bf16, 20 tokens at batch 1: 0.33-0.35 s with 2 or 4,
 /// 0.34-0.35 s with 8, 0.38 s with 16, 0.41-0.44 s without).
+#[cfg(target_arch = "x86_64")]
 const PREFETCH_AHEAD: usize = 4 * TILE_ROWS * PAIR_ROW_BYTES;
 /// Bytes of `a` a row block may take, so it stays in L2 while panels pass.
 const BLOCK_BYTES: usize = 512 * 1024;

@@ -35,9 +35,13 @@
 
 use half::bf16;
 
-use crate::bf16_panels::{round_to_bf16, PairRow, NR};
+#[cfg(target_arch = "x86_64")]
+use crate::bf16_panels::round_to_bf16;
 use crate::bf16_panels::{Bf16Panels, PackedMatrixBf16};
-use crate::blocks::{for_each_block, lane_mask, OutputPtr};
+use crate::bf16_panels::{PairRow, NR};
+#[cfg(target_arch = "x86_64")]
+use crate::blocks::lane_mask;
+use crate::blocks::{for_each_block, OutputPtr};
 use crate::gemm_f32::MR;
 use crate::packed::PackedProduct;
 
@@ -255,6 +259,8 @@ impl<'a> TileRows<'a> {
     }
 }
 
+// Read only by the x86 tile kernels.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct Tile<'a> {
     /// The tile's rows of `a`, each `k` long.
     a: TileRows<'a>,

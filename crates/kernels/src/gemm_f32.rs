@@ -14,7 +14,7 @@
 //! the depth runs; each depth step loads two 16-lane rows of the packed
 //! matrix and broadcasts one value of each row of `a`. Depth comes in slices
 //! of [`KC`] and rows in blocks of [`MC`], sized so what a tile re-reads
-//! stays in L2. Measured (`cargo bench --bench kernels`, 2 threads, 577
+//! stays in L2. Measured (`cargo bench -p caption-kernels --bench kernels`, 2 threads, 577
 //! rows, the ViT-B shapes): 337-422 GFLOP/s against candle's 175-210 on
 //! Zen 5; on Zen 4, whose AVX-512 runs on 256-bit units, 123-199 against
 //! 94-186 (the packing and blocking, not the width), level with oneDNN.
@@ -28,7 +28,9 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use crate::blocks::{for_each_block, lane_mask, OutputPtr};
+#[cfg(target_arch = "x86_64")]
+use crate::blocks::lane_mask;
+use crate::blocks::{for_each_block, OutputPtr};
 use crate::packed::{Packed, PackedProduct, PanelLayout};
 use crate::panels::{PanelFile, PanelRowType, Panels};
 
@@ -335,6 +337,8 @@ unsafe fn product_block(
 }
 
 /// Where a tile reads and writes.
+// Read only by the x86 tile kernels.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct Tile {
     a: *const f32,
     lda: usize,
@@ -348,6 +352,8 @@ struct Tile {
 
 /// Which depth slice a tile is on: the first writes `c`, later ones add to
 /// it, the last adds the bias (after the whole sum, as `x·wᵀ + b`).
+// Read only by the x86 tile kernels.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 #[derive(Clone, Copy)]
 struct Slice {
     first: bool,

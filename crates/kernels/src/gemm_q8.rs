@@ -16,7 +16,7 @@
 //! a block's 32 depths in 32-bit integers with VPDPBUSD (64 multiply-adds
 //! per instruction, four times an f32 FMA's sixteen), then scales the
 //! block's sums into float32 accumulators: 460-610 GOP/s on the same
-//! shapes (`cargo bench --bench kernels`). The arithmetic is GGML's: the
+//! shapes (`cargo bench -p caption-kernels --bench kernels`). The arithmetic is GGML's: the
 //! input quantized exactly as candle's `BlockQ8_0::from_float` does, the
 //! same integer sums per block, each scaled by the product of the two
 //! blocks' scales; only the order in which the scaled block sums are added
@@ -414,6 +414,8 @@ unsafe fn product_block(
 }
 
 /// Where a tile reads and writes.
+// Read only by the x86 tile kernels.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 struct Tile {
     /// The tile's first quantized input row; rows are `k` bytes apart.
     values: *const u8,
