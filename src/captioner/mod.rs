@@ -4,7 +4,7 @@
 pub mod blip2;
 mod open;
 
-pub use open::Options;
+pub use open::{parse_device, Options};
 
 use std::path::Path;
 use std::sync::Arc;

@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
 
 use super::{Caption, CaptionRequest, Captioner, RuntimeOptions};
 use crate::generate::{GenerationConfig, GenerationDefaults};
@@ -89,3 +90,27 @@ impl Captioner {
 
 /// The seed sampling uses unless told otherwise (the CLI's `--seed` default).
 const DEFAULT_SEED: u64 = 0;
+
+/// The device `--device` names: `cpu`, `cuda`, `cuda:N` or `auto` (CUDA
+/// when this build has it and a GPU is there, else the CPU).
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let cuda = |ordinal: usize| -> Result<Device> {
+        if !cfg!(feature = "cuda") {
+            bail!("this build has no CUDA support: rebuild with `--features cuda`, or use --device cpu");
+        }
+        Device::new_cuda(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
+    };
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(if cfg!(feature = "cuda") {
+            Device::cuda_if_available(0).unwrap_or(Device::Cpu)
+        } else {
+            Device::Cpu
+        }),
+        "cuda" => cuda(0),
+        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(ordinal)) => cuda(ordinal),
+            _ => bail!("unknown device `{other}`: expected cpu, cuda, cuda:N or auto"),
+        },
+    }
+}

@@ -1,8 +1,8 @@
 //! The command line's arguments (clap structs) and the library options
 //! they stand for.
 
-use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use anyhow::Result;
+use candle_core::DType;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use caption::batch::inputs::Shard;
@@ -311,33 +311,10 @@ pub fn runtime_options(args: &RuntimeArgs) -> Result<RuntimeOptions> {
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
     Ok(RuntimeOptions {
-        device: parse_device(&args.device)?,
+        device: caption::captioner::parse_device(&args.device)?,
         dtype: args.dtype.dtype(),
         quantization: args.quantize.map(QuantizeArg::quantization),
         pack_cache: (!args.no_weight_cache)
             .then(|| caption::resolve::bundled::cache_root().join("packed")),
     })
-}
-
-/// `cpu`, `cuda`, `cuda:N` or `auto`.
-pub fn parse_device(spec: &str) -> Result<Device> {
-    let cuda = |ordinal: usize| -> Result<Device> {
-        if !cfg!(feature = "cuda") {
-            bail!("this build has no CUDA support: rebuild with `--features cuda`, or use --device cpu");
-        }
-        Device::new_cuda(ordinal).with_context(|| format!("opening CUDA device {ordinal}"))
-    };
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        "auto" => Ok(if cfg!(feature = "cuda") {
-            Device::cuda_if_available(0).unwrap_or(Device::Cpu)
-        } else {
-            Device::Cpu
-        }),
-        "cuda" => cuda(0),
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(ordinal)) => cuda(ordinal),
-            _ => bail!("unknown device `{other}`: expected cpu, cuda, cuda:N or auto"),
-        },
-    }
 }

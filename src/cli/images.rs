@@ -116,65 +116,22 @@ fn gather_inputs(args: &CaptionArgs) -> Result<(Vec<Input>, Vec<inputs::InputPro
     Ok((found, problems))
 }
 
+/// `caption IMAGES...`: every input captioned (or asked about), one record
+/// each on stdout.
 pub fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStatus> {
-    if args.images.is_empty() {
-        bail!("no images given (try `caption photo.jpg`, or `caption --help`)");
-    }
+    check_arguments(args)?;
     let runtime = runtime_options(&args.runtime)?;
     let flags = generation_flags(&args.decoding);
     // Bad flag values fail before any download or model load.
     flags.resolve(args.decoding.seed).validate()?;
-    let asking = !args.ask.is_empty();
-    if let Some(empty) = args.ask.iter().position(|q| q.trim().is_empty()) {
-        bail!("--ask number {} is empty: ask a question", empty + 1);
-    }
-    if asking && args.sidecar {
-        bail!("--sidecar writes captions; it cannot be combined with --ask");
-    }
-    if asking && args.prompt.is_some() {
-        bail!(
-            "--prompt and --ask cannot be combined: --ask makes the prompt from the question \
-             (with BLIP-2, pass a whole prompt with --prompt instead)"
-        );
-    }
-    let model = args.model.as_deref().unwrap_or(if asking {
-        DEFAULT_VQA_MODEL
-    } else {
-        DEFAULT_CAPTION_MODEL
-    });
-    let (source, entry) = caption::resolve_model(model, registry)?;
-    if let Some(entry) = entry {
-        check_task(model, entry.task, asking)?;
-    }
-    let captioner = open_model(&source, entry, &runtime, args.quiet)?;
-    let task = match (captioner.captions(), captioner.answers_questions()) {
-        (true, true) => Task::Chat,
-        (false, _) => Task::Vqa,
-        (true, false) => Task::Caption,
-    };
-    check_task(model, task, asking)?;
+    let captioner = open_for_task(args, registry, &runtime)?;
     let request = CaptionRequest {
         prompt: args.prompt.clone(),
         generation: captioner.generation(&flags, args.decoding.seed),
     };
     request.generation.validate()?;
-    let load_options = LoadOptions {
-        exif_rotate: !args.no_exif_rotate,
-        ..LoadOptions::default()
-    };
     let (inputs, problems) = gather_inputs(args)?;
-    let sidecar = args.sidecar.then(|| SidecarOptions {
-        extension: args.sidecar_ext.clone(),
-        existing: if args.skip_existing {
-            Existing::Skip
-        } else if args.overwrite {
-            Existing::Overwrite
-        } else {
-            Existing::Refuse
-        },
-        prefix: args.prefix.clone(),
-        suffix: args.suffix.clone(),
-    });
+    let sidecar = sidecar_options(args);
     let (inputs, skipped) = skip_captioned(inputs, sidecar.as_ref());
     if skipped > 0 && !args.quiet {
         eprintln!("caption: skipped {skipped} images that already have a sidecar");
@@ -184,19 +141,9 @@ pub fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStat
             .images
             .iter()
             .any(|a| a == "-" || std::path::Path::new(a).is_dir());
+    let ranked = request.generation.num_return_sequences > 1;
     let stdout = std::io::stdout().lock();
-    let columns = TextColumns {
-        path: several,
-        // Text shows the question only when there is a choice; the
-        // delimited formats always carry it when asking.
-        question: if matches!(args.format, Format::Csv | Format::Tsv) {
-            asking
-        } else {
-            args.ask.len() > 1
-        },
-        ranked: request.generation.num_return_sequences > 1,
-    };
-    let mut writer = output::writer(args.format, stdout, columns);
+    let mut writer = output::writer(args.format, stdout, text_columns(args, several, ranked));
     let mut status = RunStatus::AllGood;
     for problem in problems {
         eprintln!("caption: {}: {}", problem.shown, problem.reason);
@@ -206,20 +153,15 @@ pub fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStat
             outcome: Outcome::Error(problem.reason),
         })?;
     }
-    let work = if asking {
-        Work::Ask {
-            questions: args.ask.clone(),
-            generation: request.generation,
-        }
-    } else {
-        Work::Caption(request)
-    };
     let interrupted = stop_on_ctrl_c();
     let batches = Batches {
         captioner: &captioner,
-        work,
+        work: work(args, request),
         batch_size: args.batch_size as usize,
-        load_options,
+        load_options: LoadOptions {
+            exif_rotate: !args.no_exif_rotate,
+            ..LoadOptions::default()
+        },
         sidecar,
         stop: Some(interrupted.as_ref()),
     };
@@ -237,5 +179,97 @@ pub fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStat
         }
         Ended::Finished { failed } if failed > 0 => Ok(RunStatus::SomeFailed),
         Ended::Finished { .. } => Ok(status),
+    }
+}
+
+/// The combinations of flags that cannot work, refused before anything loads.
+fn check_arguments(args: &CaptionArgs) -> Result<()> {
+    if args.images.is_empty() {
+        bail!("no images given (try `caption photo.jpg`, or `caption --help`)");
+    }
+    if let Some(empty) = args.ask.iter().position(|q| q.trim().is_empty()) {
+        bail!("--ask number {} is empty: ask a question", empty + 1);
+    }
+    let asking = !args.ask.is_empty();
+    if asking && args.sidecar {
+        bail!("--sidecar writes captions; it cannot be combined with --ask");
+    }
+    if asking && args.prompt.is_some() {
+        bail!(
+            "--prompt and --ask cannot be combined: --ask makes the prompt from the question \
+             (with BLIP-2, pass a whole prompt with --prompt instead)"
+        );
+    }
+    Ok(())
+}
+
+/// The model `--model` names (or the default for the job), refused before
+/// loading when its alias is for the other job, and after loading when the
+/// checkpoint itself is.
+fn open_for_task(
+    args: &CaptionArgs,
+    registry: &Registry,
+    runtime: &caption::RuntimeOptions,
+) -> Result<caption::Captioner> {
+    let asking = !args.ask.is_empty();
+    let model = args.model.as_deref().unwrap_or(if asking {
+        DEFAULT_VQA_MODEL
+    } else {
+        DEFAULT_CAPTION_MODEL
+    });
+    let (source, entry) = caption::resolve_model(model, registry)?;
+    if let Some(entry) = entry {
+        check_task(model, entry.task, asking)?;
+    }
+    let captioner = open_model(&source, entry, runtime, args.quiet)?;
+    let task = match (captioner.captions(), captioner.answers_questions()) {
+        (true, true) => Task::Chat,
+        (false, _) => Task::Vqa,
+        (true, false) => Task::Caption,
+    };
+    check_task(model, task, asking)?;
+    Ok(captioner)
+}
+
+/// `--sidecar` and its companions.
+fn sidecar_options(args: &CaptionArgs) -> Option<SidecarOptions> {
+    args.sidecar.then(|| SidecarOptions {
+        extension: args.sidecar_ext.clone(),
+        existing: if args.skip_existing {
+            Existing::Skip
+        } else if args.overwrite {
+            Existing::Overwrite
+        } else {
+            Existing::Refuse
+        },
+        prefix: args.prefix.clone(),
+        suffix: args.suffix.clone(),
+    })
+}
+
+/// Which columns the text formats show.
+fn text_columns(args: &CaptionArgs, several: bool, ranked: bool) -> TextColumns {
+    TextColumns {
+        path: several,
+        // Text shows the question only when there is a choice; the
+        // delimited formats always carry it when asking.
+        question: if matches!(args.format, Format::Csv | Format::Tsv) {
+            !args.ask.is_empty()
+        } else {
+            args.ask.len() > 1
+        },
+        ranked,
+    }
+}
+
+/// Captions, or the `--ask` questions' answers.
+fn work(args: &CaptionArgs, request: CaptionRequest) -> Work {
+    if args.ask.is_empty() {
+        Work::Caption(request)
+    } else {
+        Work::Ask {
+            questions: args.ask.clone(),
+            generation: request.generation,
+        }
     }
 }
