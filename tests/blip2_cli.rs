@@ -7,7 +7,7 @@ mod common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Output, Stdio};
 
 use caption::captioner::blip2::conversation_prompt;
 use caption::Turn;
@@ -29,27 +29,6 @@ fn model_dir(name: &str) -> PathBuf {
 
 fn image(name: &str) -> PathBuf {
     fixtures().join("images").join(name)
-}
-
-/// The binary with a clean environment, pixels as stored (as transformers reads them).
-fn caption(home: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_caption"));
-    for var in [
-        "HF_HOME",
-        "HF_HUB_CACHE",
-        "HF_HUB_OFFLINE",
-        "HF_ENDPOINT",
-        "HF_TOKEN",
-        "XDG_CACHE_HOME",
-        "CAPTION_MODEL",
-        "CAPTION_CHAT_MODEL",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("HOME", home).env("RUST_BACKTRACE", "0");
-    // The weight cache (and its first-run note) is tested in tests/cli.rs.
-    cmd.env("CAPTION_NO_WEIGHT_CACHE", "1");
-    cmd
 }
 
 fn stdout(out: &Output) -> String {
@@ -87,7 +66,7 @@ fn jsonl(out: &Output) -> Vec<Value> {
 
 /// `caption --format jsonl --no-exif-rotate -m MODEL ARGS... IMAGES...`
 fn run_jsonl(home: &Path, model: &Path, args: &[&str], images: &[&str]) -> Vec<Value> {
-    let mut cmd = caption(home);
+    let mut cmd = common::caption_command(home);
     cmd.args(["--format", "jsonl", "--no-exif-rotate", "-m"])
         .arg(model)
         .args(args);
@@ -142,7 +121,7 @@ fn a_sharded_checkpoint_loads_from_the_hub_cache_offline() {
         commit,
         &model_dir("blip2-opt-tiny-legacy"),
     );
-    let out = caption(home.path())
+    let out = common::caption_command(home.path())
         .env("HF_HOME", &hf_home)
         .env("HF_HUB_OFFLINE", "1")
         .args([
@@ -165,7 +144,7 @@ fn a_sharded_checkpoint_loads_from_the_hub_cache_offline() {
 
 /// Runs `caption chat` with `questions` written into its stdin, one per line.
 fn chat(home: &Path, model: &Path, image_name: &str, input: &str) -> Output {
-    let mut child = caption(home)
+    let mut child = common::caption_command(home)
         .args(["chat", "--no-exif-rotate", "-m"])
         .arg(model)
         .arg(image(image_name))
@@ -289,7 +268,7 @@ fn chat_refuses_models_that_cannot_converse_and_unreadable_images() {
         assert!(err.contains(what), "{err}");
     }
     // An alias of another family is refused before anything is downloaded.
-    let out = caption(home.path())
+    let out = common::caption_command(home.path())
         .args(["chat", "-m", "blip-base"])
         .arg(image("chelsea.png"))
         .stdin(Stdio::null())

@@ -38,28 +38,8 @@ fn reference_text(image: &str) -> String {
 
 /// The binary on the fixtures, pixels as stored (as transformers reads them).
 fn caption(home: &Path) -> Command {
-    let mut cmd = bare_caption(home);
+    let mut cmd = common::caption_command(home);
     cmd.arg("--no-exif-rotate");
-    cmd
-}
-
-/// The binary with a clean environment: no user cache, no network settings.
-fn bare_caption(home: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_caption"));
-    for var in [
-        "HF_HOME",
-        "HF_HUB_CACHE",
-        "HF_HUB_OFFLINE",
-        "HF_ENDPOINT",
-        "HF_TOKEN",
-        "XDG_CACHE_HOME",
-        "CAPTION_MODEL",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd.env("HOME", home);
-    // The weight cache's first-run note is tested on its own below.
-    cmd.env("CAPTION_NO_WEIGHT_CACHE", "1");
     cmd
 }
 
@@ -69,6 +49,24 @@ fn stdout(out: &Output) -> String {
 
 fn stderr(out: &Output) -> String {
     String::from_utf8(out.stderr.clone()).unwrap()
+}
+
+/// Every CLI test's environment: user configuration removed, the harness's
+/// kernel choice (CI runs the suite once with `CAPTION_KERNELS=portable`)
+/// passed through untouched.
+#[test]
+fn the_clean_environment_keeps_the_kernel_choice() {
+    use std::ffi::OsStr;
+    let home = tempfile::tempdir().unwrap();
+    let cmd = common::caption_command(home.path());
+    let envs: std::collections::HashMap<_, _> = cmd.get_envs().collect();
+    for var in common::CLEARED_VARS {
+        assert!(envs.contains_key(OsStr::new(var)), "{var} not cleared");
+    }
+    for var in common::KEPT_VARS {
+        assert!(!envs.contains_key(OsStr::new(var)), "{var} touched");
+    }
+    assert_eq!(envs[OsStr::new("HOME")], Some(home.path().as_os_str()));
 }
 
 #[test]
@@ -193,7 +191,10 @@ fn an_uncached_model_offline_fails_with_one_clear_line() {
 #[test]
 fn models_lists_aliases_and_their_cache_state() {
     let home = tempfile::tempdir().unwrap();
-    let out = bare_caption(home.path()).arg("models").output().unwrap();
+    let out = common::caption_command(home.path())
+        .arg("models")
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     let text = stdout(&out);
     let base = text

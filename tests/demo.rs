@@ -8,7 +8,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use caption::generate::GenerationConfig;
 use caption::image::LoadOptions;
@@ -295,9 +294,9 @@ fn the_built_in_demo_captions_the_examples_offline() {
     let reference = reference();
     let home = tempfile::tempdir().unwrap();
     let run = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_caption"))
-            .env_remove("XDG_CACHE_HOME")
-            .env("HOME", home.path())
+        common::caption_command(home.path())
+            // The default, as a user runs it: with the weight cache.
+            .env_remove("CAPTION_NO_WEIGHT_CACHE")
             .env("HF_HUB_OFFLINE", "1")
             .current_dir(root())
             .args(args)

@@ -1,6 +1,8 @@
 //! Folders and scripts: a generated folder of a few hundred small images with
 //! broken files among them, through the `caption` binary and the tiny model.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -11,15 +13,10 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
+/// The binary on the tiny model, pixels as stored.
 fn caption(home: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_caption"));
-    for var in ["HF_HOME", "HF_HUB_CACHE", "HF_HUB_OFFLINE", "CAPTION_MODEL"] {
-        cmd.env_remove(var);
-    }
-    // The weight cache (and its first-run note) is tested in tests/cli.rs.
-    cmd.env("CAPTION_NO_WEIGHT_CACHE", "1");
-    cmd.env("HOME", home)
-        .arg("--no-exif-rotate")
+    let mut cmd = common::caption_command(home);
+    cmd.arg("--no-exif-rotate")
         .arg("-m")
         .arg(fixtures().join("models/blip-tiny"));
     cmd

@@ -1,8 +1,13 @@
-//! Helpers the parity tests share: where the fixtures are and how to load them
-//! the way `caption --model DIR` does.
+//! Helpers the tests share: where the fixtures are, how to load them the way
+//! `caption --model DIR` does, and how to run the binary in a clean
+//! environment.
 #![allow(dead_code)] // each test binary uses its own subset
 
+mod command;
 pub mod demo_outputs;
+
+#[allow(unused_imports)] // as above
+pub use command::{caption_command, CLEARED_VARS, KEPT_VARS};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
