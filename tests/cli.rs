@@ -694,3 +694,40 @@ fn the_first_run_saves_the_weight_cache_and_later_runs_use_it() {
     assert_eq!(run(&["-q"]), "");
     assert_eq!(files(), saved);
 }
+
+/// The completion scripts and the manual page come from the same clap
+/// definitions as the flags, and `completions` is a command, not two
+/// image paths.
+#[test]
+fn completions_and_the_manual_page_are_generated_from_the_flags() {
+    let home = tempfile::tempdir().unwrap();
+    for shell in ["bash", "zsh", "fish"] {
+        let out = common::caption_command(home.path())
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}: {out:?}");
+        let script = String::from_utf8(out.stdout).unwrap();
+        // Each shell names the long flags its own way (fish: `-l model`).
+        assert!(
+            script.contains("model") && script.contains("ask"),
+            "{shell}"
+        );
+        assert!(
+            script.contains("completions") && script.contains("chat"),
+            "{shell}"
+        );
+    }
+    let out = common::caption_command(home.path())
+        .args(["completions", "nushell"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = common::caption_command(home.path())
+        .arg("man")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let page = String::from_utf8(out.stdout).unwrap();
+    assert!(page.contains(".TH caption 1") && page.contains("\\-\\-model"));
+}

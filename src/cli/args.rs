@@ -30,6 +30,14 @@ pub enum Command {
     /// Talk about one image with a BLIP-2 model: questions are read from stdin
     /// line by line, each answered with the conversation so far in the prompt.
     Chat(Box<ChatArgs>),
+    /// Print a shell completion script, e.g.
+    /// `caption completions bash > ~/.local/share/bash-completion/completions/caption`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `caption man > ~/.local/share/man/man1/caption.1`.
+    Man,
 }
 
 #[derive(Debug, Args)]

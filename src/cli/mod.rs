@@ -5,6 +5,7 @@
 mod args;
 mod chat;
 mod images;
+mod manual;
 mod model;
 mod outcome;
 
@@ -20,6 +21,8 @@ pub fn run(cli: Cli) -> Result<RunStatus> {
     match cli.command {
         Some(Command::Models) => model::list_models(&registry),
         Some(Command::Chat(args)) => chat::run(&args, &registry),
+        Some(Command::Completions { shell }) => manual::print_completions(shell),
+        Some(Command::Man) => manual::print_man_page(),
         None => images::caption_images(&cli.caption, &registry),
     }
 }
