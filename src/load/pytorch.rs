@@ -394,3 +394,25 @@ fn storage_dtype(class: &str) -> Option<DType> {
         _ => return None,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `torch.save(model.state_dict())` pickles an OrderedDict whose
+    /// `_metadata` attribute comes after its items (BUILD): the entries are
+    /// the items, the attribute is not one. Bytes from Python's
+    /// `pickle.dumps(od, protocol=2)`, with two int values standing in for
+    /// tensors.
+    #[test]
+    fn an_ordered_dict_with_metadata_is_a_state_dict() {
+        let bytes = b"\x80\x02ccollections\nOrderedDict\nq\x00)Rq\x01(X\x08\x00\x00\x00a.weightq\x02K\x01X\x06\x00\x00\x00b.biasq\x03K\x02u}q\x04X\t\x00\x00\x00_metadataq\x05h\x00)Rq\x06X\x00\x00\x00\x00q\x07}q\x08X\x07\x00\x00\x00versionq\tK\x01sssb.";
+        let pickle = Pickle::parse(bytes).unwrap();
+        let names: Vec<String> = state_dict(&pickle)
+            .unwrap()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(names, ["a.weight", "b.bias"]);
+    }
+}
