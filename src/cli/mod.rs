@@ -7,6 +7,7 @@ mod chat;
 mod images;
 mod model;
 mod outcome;
+pub mod stdout;
 
 pub use args::Cli;
 use args::Command;
