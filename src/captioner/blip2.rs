@@ -225,7 +225,7 @@ impl Conversation<'_> {
             let room = self.model.max_text_positions();
             let needed = |prompt: &str| -> Result<usize> {
                 let ids = prompt_ids(self.model, &self.captioner.codec, Some(prompt))?;
-                Ok(ids.len() + reply_budget(generation))
+                Ok(ids.len().saturating_add(reply_budget(generation)))
             };
             let template = &self.captioner.question_template;
             let mut forgotten = 0;

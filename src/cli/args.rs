@@ -140,7 +140,7 @@ pub struct CaptionArgs {
 /// How to pick the tokens of a caption or answer.
 #[derive(Debug, Args)]
 pub struct DecodingArgs {
-    /// Generate at most this many new tokens [default: 20, within the model's position limit].
+    /// Generate at most this many new tokens, at least 1 [default: 20; at most the model's position limit].
     #[arg(long, value_name = "N", help_heading = "Decoding")]
     pub max_tokens: Option<usize>,
 
@@ -148,11 +148,11 @@ pub struct DecodingArgs {
     #[arg(long, value_name = "N", help_heading = "Decoding")]
     pub min_tokens: Option<usize>,
 
-    /// Beam search with N beams (1: greedy) [default: 1].
+    /// Beam search with N beams, 1 to 64 (1: greedy) [default: 1].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..), help_heading = "Decoding")]
     pub beams: Option<u32>,
 
-    /// Beam search: score = log-prob / length^P; above 0 favours longer captions [default: 1.0].
+    /// Beam search: score = log-prob / length^P, P from -2 to 10; above 0 favours longer captions [default: 1.0].
     #[arg(
         long,
         value_name = "P",
@@ -217,7 +217,7 @@ pub struct RuntimeArgs {
     #[arg(long, value_enum)]
     pub quantize: Option<QuantizeArg>,
 
-    /// CPU threads for the model [default: all cores].
+    /// CPU threads for the model, 1 to 1024 [default: all cores].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub threads: Option<u32>,
 
@@ -311,9 +311,22 @@ pub fn generation_flags(args: &DecodingArgs) -> GenerationDefaults {
     }
 }
 
+/// The most threads `--threads` takes. More threads than cores only slow the
+/// kernels down, and the largest servers have a few hundred hardware threads;
+/// thousands of threads meet the system's limits instead (20000 failed to
+/// start in the thread pool, which then waited forever for them). A fixed
+/// number rather than a multiple of this machine's cores, so the same
+/// command line is accepted everywhere.
+pub const MAX_THREADS: u32 = 1024;
+
 /// `--device`, `--dtype`, `--threads` and the weight cache, applied.
 pub fn runtime_options(args: &RuntimeArgs) -> Result<RuntimeOptions> {
     if let Some(threads) = args.threads {
+        anyhow::ensure!(
+            threads <= MAX_THREADS,
+            "--threads {threads} is more than {MAX_THREADS}: more threads than cores only \
+             slow the model down (default: all cores)"
+        );
         // candle's CPU kernels size their thread pools from this variable; we
         // are still single-threaded here, before any of them start.
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());

@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use super::args::{generation_flags, runtime_options, CaptionArgs};
 use super::model::open_model;
@@ -20,6 +20,9 @@ use caption::CaptionRequest;
 
 const DEFAULT_CAPTION_MODEL: &str = "blip-base";
 const DEFAULT_VQA_MODEL: &str = "blip-vqa-base";
+/// The context of a failed write of results, so the one line that ends the
+/// run says where the results were going (a full disk, say).
+const WRITING_STDOUT: &str = "writing the results to stdout";
 
 /// Refuses to caption with a VQA model or to answer with a captioning one,
 /// rather than silently doing the other job.
@@ -68,6 +71,8 @@ impl ProgressBar {
 
 impl Progress for ProgressBar {
     fn note(&self, line: &str) {
+        // A note names files, and a name may hold a line break.
+        let line = output::single_line(line);
         match &self.bar {
             Some(bar) => bar.suspend(|| eprintln!("{line}")),
             None => eprintln!("{line}"),
@@ -146,12 +151,15 @@ pub fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStat
     let mut writer = output::writer(args.format, stdout, text_columns(args, several, ranked));
     let mut status = RunStatus::AllGood;
     for problem in problems {
-        eprintln!("caption: {}: {}", problem.shown, problem.reason);
+        let line = format!("caption: {}: {}", problem.shown, problem.reason);
+        eprintln!("{}", output::single_line(&line));
         status = RunStatus::SomeFailed;
-        writer.write(&Record {
-            path: problem.shown,
-            outcome: Outcome::Error(problem.reason),
-        })?;
+        writer
+            .write(&Record {
+                path: problem.shown,
+                outcome: Outcome::Error(problem.reason),
+            })
+            .context(WRITING_STDOUT)?;
     }
     let interrupted = stop_on_ctrl_c();
     let batches = Batches {
@@ -166,9 +174,11 @@ pub fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStat
         stop: Some(interrupted.as_ref()),
     };
     let progress = ProgressBar::new(inputs.len(), args.quiet);
-    let ended = batches.run(&inputs, &progress, |record| Ok(writer.write(&record)?))?;
+    let ended = batches.run(&inputs, &progress, |record| {
+        writer.write(&record).context(WRITING_STDOUT)
+    })?;
     progress.finish();
-    writer.finish()?;
+    writer.finish().context(WRITING_STDOUT)?;
     match ended {
         Ended::Stopped { done, .. } => {
             eprintln!(
@@ -193,6 +203,9 @@ fn check_arguments(args: &CaptionArgs) -> Result<()> {
     let asking = !args.ask.is_empty();
     if asking && args.sidecar {
         bail!("--sidecar writes captions; it cannot be combined with --ask");
+    }
+    if let Some(sidecar) = sidecar_options(args) {
+        sidecar.check_extension()?;
     }
     if asking && args.prompt.is_some() {
         bail!(

@@ -8,6 +8,7 @@ mod images;
 mod manual;
 mod model;
 mod outcome;
+pub mod stdout;
 
 pub use args::Cli;
 use args::Command;

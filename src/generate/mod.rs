@@ -80,11 +80,30 @@ impl Default for GenerationConfig {
 }
 
 impl GenerationConfig {
+    /// Refuses settings transformers refuses, and those that would give
+    /// empty or cut captions instead of an error.
     pub fn validate(&self) -> Result<()> {
+        self.validate_search()?;
+        self.validate_scores()
+    }
+
+    /// Beams, returned sequences and lengths.
+    fn validate_search(&self) -> Result<()> {
         anyhow::ensure!(self.num_beams >= 1, "beams must be at least 1");
+        anyhow::ensure!(
+            self.num_beams <= MAX_BEAMS,
+            "--beams {} is more than {MAX_BEAMS}: every beam holds its own copy of the \
+             decoder's caches, and captions stop improving long before that",
+            self.num_beams
+        );
         anyhow::ensure!(
             self.num_return_sequences >= 1,
             "the number of returned sequences must be at least 1"
+        );
+        anyhow::ensure!(
+            self.num_return_sequences <= MAX_BEAMS,
+            "--num-return {} is more than {MAX_BEAMS}, the most beams a search may use",
+            self.num_return_sequences
         );
         anyhow::ensure!(
             self.num_return_sequences <= self.num_beams,
@@ -97,10 +116,33 @@ impl GenerationConfig {
             !(self.do_sample && self.num_beams > 1),
             "sampling with beam search is not supported: use --sample or --beams, not both"
         );
+        // GenerationConfig.validate: "`max_new_tokens` must be greater than 0".
+        anyhow::ensure!(
+            self.max_new_tokens != Some(0),
+            "--max-tokens must be at least 1 (transformers refuses max_new_tokens=0)"
+        );
+        anyhow::ensure!(
+            LENGTH_PENALTY_RANGE.contains(&self.length_penalty),
+            "--length-penalty must be between {} and {}, got {}: beyond them beam scores \
+             overflow and captions come out empty or cut",
+            LENGTH_PENALTY_RANGE.start(),
+            LENGTH_PENALTY_RANGE.end(),
+            self.length_penalty
+        );
+        Ok(())
+    }
+
+    /// The settings that transform next-token scores.
+    fn validate_scores(&self) -> Result<()> {
         if let Some(t) = self.logits.temperature {
             anyhow::ensure!(
                 t > 0.0 && t.is_finite(),
                 "temperature must be a positive number, got {t}"
+            );
+            anyhow::ensure!(
+                t >= MIN_SCORE_DIVISOR,
+                "--temperature {t:e} is too small: scores divided by it overflow to infinity; \
+                 use at least {MIN_SCORE_DIVISOR:e} (or leave out --sample for greedy decoding)"
             );
         }
         if let Some(p) = self.logits.top_p {
@@ -111,6 +153,11 @@ impl GenerationConfig {
                 p > 0.0 && p.is_finite(),
                 "repetition penalty must be positive, got {p}"
             );
+            anyhow::ensure!(
+                p >= MIN_SCORE_DIVISOR,
+                "--repetition-penalty {p:e} is too small: scores divided by it overflow to \
+                 infinity; use at least {MIN_SCORE_DIVISOR:e}"
+            );
         }
         Ok(())
     }
@@ -118,13 +165,41 @@ impl GenerationConfig {
 
 /// transformers' length rule (`_prepare_generated_length`): an explicit
 /// `max_new_tokens` counts from the end of the prompt; the default is 20 new
-/// tokens, capped at the model's position limit.
+/// tokens. Both are capped at the model's position limit: transformers caps
+/// only the default, and an explicit length past the positions fails there
+/// with an index error, so capping it changes no output transformers gives.
+/// Saturating, so `--max-tokens 18446744073709551615` means "as many as fit".
 pub fn max_length(prompt_len: usize, max_new_tokens: Option<usize>, max_positions: usize) -> usize {
-    match max_new_tokens {
-        Some(n) => prompt_len + n,
-        None => (prompt_len + DEFAULT_MAX_NEW_TOKENS).min(max_positions),
-    }
+    let new_tokens = max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS);
+    prompt_len.saturating_add(new_tokens).min(max_positions)
 }
+
+/// The most beams a search may use. Each beam is a row of the decoder's
+/// batch with its own copy of the caches (BLIP-base: about 40 MB of image
+/// cross-attention keys and values per row), so 64 beams already take a few
+/// GB per image; captions of twenty-odd tokens stop gaining from more beams
+/// long before that, and transformers' own examples use 3 to 10.
+pub const MAX_BEAMS: usize = 64;
+
+/// The length penalties beam search accepts (NaN is outside). A finished
+/// score is its summed log-prob divided by `new_tokens ^ P` in f32, and
+/// transformers' arithmetic keeps unfinished beams out of the results by
+/// adding -1e9 to their scores. Up to 10, `2048 ^ P` (OPT's positions) stays
+/// below f32's 3.4e38; at 40 it overflowed to infinity and every score to
+/// -0. Below -2 the divided scores outgrow -1e9 (the log-prob sum times
+/// `length ^ 2` stays under 1e9 for any caption within 512 positions), and
+/// the demo model's captions came out empty from -10 on. transformers' own
+/// examples use -1 to 2.
+pub const LENGTH_PENALTY_RANGE: std::ops::RangeInclusive<f32> = -2.0..=10.0;
+
+/// The smallest temperature and repetition penalty accepted: both divide the
+/// scores, and an f32 score `x` divided by `d` overflows to infinity once
+/// `|x| / d` passes `f32::MAX` (3.4e38), which turns the softmax into NaN and
+/// the caption into garbage (1e-45, a denormal, did). At 1e-30 only a logit
+/// beyond 3.4e8 overflows, while real models' logits are a few tens; and
+/// nothing is lost: at that bound the scaled scores already differ by so much
+/// that sampling always takes the most likely token, as greedy search does.
+pub const MIN_SCORE_DIVISOR: f32 = 1e-30;
 
 /// transformers' `GenerationConfig.max_length` default (20) read as new tokens,
 /// which is how `generate()` applies it when nobody sets a length.
@@ -172,9 +247,12 @@ pub fn generate(
         "one random stream per prompt"
     );
     let max_length = max_length(prompt_len, config.max_new_tokens, limits.max_positions);
+    // transformers raises when the prompt leaves no room to generate
+    // (`_validate_generated_length`); going on would print the prompt alone.
     anyhow::ensure!(
-        prompt_len <= limits.max_positions,
-        "the prompt is {prompt_len} tokens, more than the model's {} positions",
+        prompt_len < max_length,
+        "the prompt is {prompt_len} tokens, which leaves no room for a new token in the \
+         model's {} positions",
         limits.max_positions
     );
     let search = Search {
@@ -224,6 +302,100 @@ mod tests {
         assert_eq!(max_length(4, None, 512), 24);
         assert_eq!(max_length(4, None, 10), 10);
         assert_eq!(max_length(4, Some(3), 10), 7);
+    }
+
+    #[test]
+    fn an_explicit_length_is_capped_by_positions_and_never_overflows() {
+        assert_eq!(max_length(4, Some(100), 40), 40);
+        assert_eq!(max_length(4, Some(usize::MAX), 40), 40);
+        assert_eq!(max_length(usize::MAX, Some(usize::MAX), 40), 40);
+    }
+
+    #[test]
+    fn settings_that_would_print_empty_or_cut_captions_are_rejected() {
+        let refused = [
+            GenerationConfig {
+                max_new_tokens: Some(0),
+                ..GenerationConfig::default()
+            },
+            GenerationConfig {
+                num_beams: MAX_BEAMS + 1,
+                ..GenerationConfig::default()
+            },
+            GenerationConfig {
+                length_penalty: f32::NAN,
+                ..GenerationConfig::default()
+            },
+            GenerationConfig {
+                length_penalty: f32::NEG_INFINITY,
+                ..GenerationConfig::default()
+            },
+            GenerationConfig {
+                length_penalty: -1e30,
+                ..GenerationConfig::default()
+            },
+            GenerationConfig {
+                length_penalty: 40.0,
+                ..GenerationConfig::default()
+            },
+            GenerationConfig {
+                do_sample: true,
+                logits: LogitsSettings {
+                    temperature: Some(1e-45),
+                    ..LogitsSettings::default()
+                },
+                ..GenerationConfig::default()
+            },
+            GenerationConfig {
+                logits: LogitsSettings {
+                    repetition_penalty: Some(1e-45),
+                    ..LogitsSettings::default()
+                },
+                ..GenerationConfig::default()
+            },
+        ];
+        for config in refused {
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.starts_with("--"), "names the flag: {err}");
+        }
+        let edges = GenerationConfig {
+            max_new_tokens: Some(usize::MAX),
+            num_beams: MAX_BEAMS,
+            length_penalty: -2.0,
+            logits: LogitsSettings {
+                temperature: Some(MIN_SCORE_DIVISOR),
+                repetition_penalty: Some(MIN_SCORE_DIVISOR),
+                ..LogitsSettings::default()
+            },
+            ..GenerationConfig::default()
+        };
+        assert!(edges.validate().is_ok());
+    }
+
+    /// The smallest temperature accepted still leaves a realistic logit
+    /// finite, which is what the bound is for.
+    #[test]
+    fn the_smallest_divisor_keeps_large_logits_finite() {
+        let mut row = vec![1e8f32, -1e8, 30.0];
+        processors::temperature(&mut row, MIN_SCORE_DIVISOR);
+        assert!(row.iter().all(|x| x.is_finite()), "{row:?}");
+    }
+
+    #[test]
+    fn a_prompt_that_fills_the_positions_is_an_error_not_an_empty_caption() {
+        let mut decoder = table::TableDecoder {
+            table: vec![vec![0.0, 1.0]; 2],
+            batch_sizes: vec![],
+        };
+        let limits = Limits {
+            max_positions: 3,
+            eos_token_ids: vec![0],
+        };
+        let config = GenerationConfig::default();
+        let full = generate(&mut decoder, &[vec![1, 1, 1]], &[0], &limits, &config);
+        assert!(full.is_err());
+        let room = generate(&mut decoder, &[vec![1, 1]], &[0], &limits, &config).unwrap();
+        assert_eq!(room[0][0].ids, vec![1, 1, 1]);
     }
 
     #[test]

@@ -327,7 +327,10 @@ impl<W: Write> RecordWriter for DelimitedWriter<W> {
     }
 }
 
-fn single_line(text: &str) -> String {
+/// `text` on one line: line breaks and tabs become spaces. The text format
+/// writes every field this way, and messages on stderr go through it too, so
+/// a file name holding a newline cannot split one line into two.
+pub fn single_line(text: &str) -> String {
     text.replace(['\n', '\r', '\t'], " ")
 }
 

@@ -30,7 +30,31 @@ pub struct SidecarOptions {
 }
 
 impl SidecarOptions {
+    /// Refuses an extension [`Self::path_for`] cannot use: std's
+    /// `with_extension` panics on a path separator, and an empty one, or one
+    /// starting with a dot (`..`, `.txt`), names another file than
+    /// `<stem>.<ext>`.
+    pub fn check_extension(&self) -> Result<()> {
+        let extension = &self.extension;
+        let problem = if extension.is_empty() {
+            "is empty"
+        } else if extension.contains(['/', '\\']) || extension.contains(std::path::is_separator) {
+            "contains a path separator"
+        } else if extension.starts_with('.') {
+            "starts with a dot"
+        } else if extension.contains('\0') {
+            "contains a NUL character"
+        } else {
+            return Ok(());
+        };
+        anyhow::bail!(
+            "--sidecar-ext {:?} {problem}: give the extension alone, e.g. --sidecar-ext txt",
+            extension
+        )
+    }
+
     /// `image` with its extension replaced: `a/photo.jpg` -> `a/photo.txt`.
+    /// The extension must have passed [`Self::check_extension`].
     pub fn path_for(&self, image: &Path) -> PathBuf {
         image.with_extension(&self.extension)
     }
@@ -43,6 +67,7 @@ impl SidecarOptions {
     /// Writes the sidecar of `image`, whole, honouring [`Existing`]; returns
     /// the path written.
     pub fn write(&self, image: &Path, caption: &str) -> Result<PathBuf> {
+        self.check_extension()?;
         let target = self.path_for(image);
         anyhow::ensure!(
             target != image,
@@ -72,11 +97,9 @@ pub fn write_whole(target: &Path, bytes: &[u8], overwrite: bool) -> Result<()> {
             target.display()
         );
     }
-    let mut temp = tempfile::Builder::new()
-        .prefix(".caption-")
-        .suffix(".tmp")
-        .tempfile_in(folder)
-        .with_context(|| format!("cannot write in {}", folder.display()))?;
+    let mut temp = temp_file_in(folder)?;
+    #[cfg(unix)]
+    keep_existing_mode(&temp, target, overwrite)?;
     temp.write_all(bytes)
         .and_then(|()| temp.as_file().sync_all())
         .with_context(|| format!("writing {}", target.display()))?;
@@ -95,6 +118,43 @@ pub fn write_whole(target: &Path, bytes: &[u8], overwrite: bool) -> Result<()> {
             anyhow::Error::new(e.error).context(format!("writing {}", target.display()))
         }
     })
+}
+
+/// A temporary file in `folder`, created with the mode any new file gets
+/// there: 0666 less the umask, as `File::create` would. tempfile's own
+/// default, 0600, would make every sidecar private to its owner, unlike the
+/// rest of a dataset.
+fn temp_file_in(folder: &Path) -> Result<tempfile::NamedTempFile> {
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".caption-").suffix(".tmp");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        // open(2) applies the umask to this mode, as for any new file.
+        builder.permissions(std::fs::Permissions::from_mode(0o666));
+    }
+    builder
+        .tempfile_in(folder)
+        .with_context(|| format!("cannot write in {}", folder.display()))
+}
+
+/// When replacing `target`, gives the new file the old one's mode (not
+/// subject to the umask), so `--overwrite` leaves permissions as they were.
+#[cfg(unix)]
+fn keep_existing_mode(
+    temp: &tempfile::NamedTempFile,
+    target: &Path,
+    overwrite: bool,
+) -> Result<()> {
+    if !overwrite {
+        return Ok(());
+    }
+    let Ok(existing) = std::fs::metadata(target) else {
+        return Ok(()); // no file yet: the new one keeps the umask's mode
+    };
+    temp.as_file()
+        .set_permissions(existing.permissions())
+        .with_context(|| format!("giving {} its former mode", target.display()))
 }
 
 #[cfg(test)]
@@ -141,6 +201,54 @@ mod tests {
             "sks, new, photo\n"
         );
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn extensions_that_name_another_file_are_refused() {
+        for bad in ["", "a/b", "../x", "..", ".txt", "a\0b"] {
+            let opts = SidecarOptions {
+                extension: bad.into(),
+                ..options(Existing::Refuse)
+            };
+            let err = opts.check_extension().unwrap_err().to_string();
+            assert!(err.starts_with("--sidecar-ext"), "{err}");
+            assert!(!err.contains('\n'), "{err}");
+        }
+        for good in ["txt", "caption.txt", "tags"] {
+            let opts = SidecarOptions {
+                extension: good.into(),
+                ..options(Existing::Refuse)
+            };
+            assert!(opts.check_extension().is_ok(), "{good}");
+        }
+    }
+
+    /// The mode `File::create` gives a new file in `dir` under this
+    /// process's umask.
+    #[cfg(unix)]
+    fn new_file_mode(dir: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        let probe = dir.join("probe");
+        std::fs::File::create(&probe).unwrap();
+        let mode = std::fs::metadata(&probe).unwrap().permissions().mode() & 0o777;
+        std::fs::remove_file(probe).unwrap();
+        mode
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_new_sidecar_gets_the_mode_of_any_new_file_and_a_replaced_one_keeps_its_own() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let expected = new_file_mode(dir.path());
+        let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+        let image = dir.path().join("a.png");
+        let written = options(Existing::Refuse).write(&image, "new").unwrap();
+        assert_eq!(mode(&written), expected);
+        // A mode the umask would never give, so keeping it cannot be luck.
+        std::fs::set_permissions(&written, std::fs::Permissions::from_mode(0o604)).unwrap();
+        options(Existing::Overwrite).write(&image, "again").unwrap();
+        assert_eq!(mode(&written), 0o604);
     }
 
     #[test]
