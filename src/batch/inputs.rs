@@ -14,6 +14,8 @@ use std::io::{self, BufRead};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use crate::load::regular_file;
+
 /// File extensions (compared case-insensitively) that mark a file inside a
 /// folder as an image. Files named explicitly are kept whatever their extension.
 pub const IMAGE_EXTENSIONS: &[&str] = &[
@@ -50,15 +52,20 @@ pub struct CollectOptions {
 
 /// Expands the image arguments into inputs, in argument order.
 ///
-/// * A path that is not a folder is kept as is, whatever its extension (even a
-///   FIFO or `/dev/stdin`: the user named it).
+/// * A regular file is kept as is, whatever its extension: the user named it.
+///   Anything else that is not a folder (a named pipe, a socket, a device,
+///   `/dev/stdin` when it is a pipe) is a problem, "not a regular file":
+///   opening a pipe waits for a writer, for ever if none comes, and a device
+///   may never end. Only its metadata is read, never its contents.
 /// * A folder yields its image files (by [`IMAGE_EXTENSIONS`],
 ///   case-insensitively), sorted by file name bytes; names starting with `.`
 ///   are skipped. With `opts.recursive`, subfolders are walked too, files and
 ///   subfolders interleaved in that same sorted order (depth first).
 ///   Symbolic links to files and folders are followed, but a folder already
 ///   walked for this argument (same canonical path) is not walked again, so
-///   link loops terminate. A broken link with an image extension is a problem.
+///   link loops terminate. An entry with an image extension that is a broken
+///   link, or not a regular file, is a problem; without one, it is skipped
+///   like any other file that is not an image.
 ///   A folder that yields no image files (and no other problem) is a problem.
 /// * `-` reads newline-separated paths from `stdin` (a trailing `\r` is
 ///   trimmed, empty lines are skipped); each line is then treated like an
@@ -112,7 +119,8 @@ impl Collected {
         }
         match fs::metadata(&path) {
             Ok(meta) if meta.is_dir() => self.folder(shown, path, opts),
-            Ok(_) => self.inputs.push(Input { shown, path }),
+            Ok(meta) if meta.is_file() => self.inputs.push(Input { shown, path }),
+            Ok(_) => self.problem(shown, regular_file::NOT_REGULAR),
             Err(err) => {
                 let reason = if is_broken_link(&path, &err) {
                     "broken symbolic link".to_string()
@@ -188,12 +196,11 @@ impl Collected {
                         format!("cannot read folder: {}", describe(&err)),
                     ),
                 }
-            } else if meta.is_file() && has_image_extension(&name) {
-                self.inputs.push(Input {
-                    shown: shown_path.display().to_string(),
-                    path,
-                });
+            } else if has_image_extension(&name) {
+                self.image_entry(shown_path, path, &meta);
             }
+            // Anything else (notes, sidecars, a socket some program keeps
+            // here) is not ours to caption or to complain about.
         }
         if self.inputs.len() == inputs_before && self.problems.len() == problems_before {
             let reason = if skipped_subfolders {
@@ -202,6 +209,18 @@ impl Collected {
                 "folder holds no image files"
             };
             self.problem(shown, reason);
+        }
+    }
+
+    /// An entry named as an image, found in a folder: kept when it is a
+    /// regular file; anything else is a problem, as a broken link with an
+    /// image's name is, since the user expects it to be captioned.
+    fn image_entry(&mut self, shown_path: PathBuf, path: PathBuf, meta: &fs::Metadata) {
+        let shown = shown_path.display().to_string();
+        if meta.is_file() {
+            self.inputs.push(Input { shown, path });
+        } else {
+            self.problem(shown, regular_file::NOT_REGULAR);
         }
     }
 }
@@ -644,6 +663,89 @@ mod tests {
                 path: notes
             }]
         );
+    }
+
+    #[cfg(unix)]
+    fn mkfifo(path: &Path) {
+        let made = std::process::Command::new("mkfifo")
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(made.success());
+    }
+
+    /// Named pipes, sockets and devices, named on the command line, listed on
+    /// stdin or reached through a link, are problems of their own (they used
+    /// to be kept, and opening the pipe then blocked for ever); the regular
+    /// files beside them are kept.
+    #[cfg(unix)]
+    #[test]
+    fn named_special_files_are_not_regular_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe.jpg");
+        mkfifo(&fifo);
+        let link = dir.path().join("link.png");
+        std::os::unix::fs::symlink(&fifo, &link).unwrap();
+        let socket = dir.path().join("socket.png");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let listed = dir.path().join("listed.jpg");
+        mkfifo(&listed);
+        touch(&dir.path().join("real.jpg"));
+        let args = [
+            arg(&fifo),
+            arg(&link),
+            arg(&socket),
+            "/dev/null".to_string(),
+            "-".to_string(),
+            arg(&dir.path().join("real.jpg")),
+        ];
+        let (inputs, problems) = run(&args, &format!("{}\n", listed.display()), false);
+        assert_eq!(shown_under(&inputs, dir.path()), ["real.jpg"]);
+        let refused: Vec<&str> = problems.iter().map(|p| p.shown.as_str()).collect();
+        let expected = [
+            arg(&fifo),
+            arg(&link),
+            arg(&socket),
+            "/dev/null".into(),
+            arg(&listed),
+        ];
+        assert_eq!(refused, expected);
+        assert!(
+            problems.iter().all(|p| p.reason == "not a regular file"),
+            "{problems:?}"
+        );
+    }
+
+    /// In a folder, a special file with an image's name is a problem (the
+    /// user expects it captioned, as with a broken link), and one without is
+    /// skipped like any other file that is not an image.
+    #[cfg(unix)]
+    #[test]
+    fn special_files_in_a_folder_are_reported_when_named_as_images() {
+        let dir = tempfile::tempdir().unwrap();
+        touch(&dir.path().join("a.jpg"));
+        mkfifo(&dir.path().join("b.png"));
+        fs::create_dir(dir.path().join("sub")).unwrap();
+        mkfifo(&dir.path().join("sub/c.jpg"));
+        mkfifo(&dir.path().join("control"));
+        let _listener =
+            std::os::unix::net::UnixListener::bind(dir.path().join("agent.sock")).unwrap();
+        let (inputs, problems) = run(&[arg(dir.path())], "", true);
+        assert_eq!(shown_under(&inputs, dir.path()), ["a.jpg"]);
+        assert_eq!(
+            problems,
+            ["b.png", "sub/c.jpg"].map(|name| InputProblem {
+                shown: arg(&dir.path().join(name)),
+                reason: "not a regular file".into()
+            })
+        );
+        // A folder holding nothing but a pipe named as an image says so, not
+        // "folder holds no image files".
+        let lone = tempfile::tempdir().unwrap();
+        mkfifo(&lone.path().join("only.jpg"));
+        let (_, problems) = run(&[arg(lone.path())], "", false);
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].reason, "not a regular file");
     }
 
     #[test]

@@ -2,12 +2,11 @@
 //! results on stdout in the chosen format.
 
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
 use super::args::{generation_flags, runtime_options, CaptionArgs};
+use super::interrupt;
 use super::model::open_model;
 use super::outcome::RunStatus;
 use caption::batch::inputs::{self, CollectOptions, Input};
@@ -86,24 +85,6 @@ impl Progress for ProgressBar {
     }
 }
 
-/// Turns the first Ctrl-C into a request to stop after the batch in hand (so
-/// every line and sidecar written is whole); a second one ends the process at once.
-fn stop_on_ctrl_c() -> Arc<AtomicBool> {
-    let flag = Arc::new(AtomicBool::new(false));
-    let seen = Arc::clone(&flag);
-    let installed = ctrlc::set_handler(move || {
-        if seen.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
-        }
-        eprintln!("caption: stopping after the current batch (Ctrl-C again to stop now)");
-    });
-    if let Err(err) = installed {
-        // Without the handler Ctrl-C still stops the run, only less gently.
-        eprintln!("caption: warning: cannot handle Ctrl-C: {err}");
-    }
-    flag
-}
-
 /// The images to run on: the arguments walked, stdin read, the shard taken.
 fn gather_inputs(args: &CaptionArgs) -> Result<(Vec<Input>, Vec<inputs::InputProblem>)> {
     let options = CollectOptions {
@@ -147,6 +128,9 @@ pub fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStat
             .iter()
             .any(|a| a == "-" || std::path::Path::new(a).is_dir());
     let ranked = request.generation.num_return_sequences > 1;
+    // From here on records are written: a Ctrl-C lets the batch in hand
+    // finish, so that every one of them is whole.
+    let interrupted = interrupt::stop_after_batch();
     let stdout = std::io::stdout().lock();
     let mut writer = output::writer(args.format, stdout, text_columns(args, several, ranked));
     let mut status = RunStatus::AllGood;
@@ -161,7 +145,6 @@ pub fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStat
             })
             .context(WRITING_STDOUT)?;
     }
-    let interrupted = stop_on_ctrl_c();
     let batches = Batches {
         captioner: &captioner,
         work: work(args, request),
@@ -171,7 +154,7 @@ pub fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStat
             ..LoadOptions::default()
         },
         sidecar,
-        stop: Some(interrupted.as_ref()),
+        stop: Some(interrupted),
     };
     let progress = ProgressBar::new(inputs.len(), args.quiet);
     let ended = batches.run(&inputs, &progress, |record| {

@@ -5,6 +5,7 @@
 mod args;
 mod chat;
 mod images;
+mod interrupt;
 mod manual;
 mod model;
 mod outcome;
@@ -18,6 +19,8 @@ use anyhow::Result;
 use caption::resolve::registry::Registry;
 
 pub fn run(cli: Cli) -> Result<RunStatus> {
+    // Before anything that can take time: loading a model, reading stdin.
+    interrupt::install();
     let registry = Registry::builtin();
     match cli.command {
         Some(Command::Models) => model::list_models(&registry),

@@ -7,24 +7,25 @@
 //! other format with the `image` crate, reproducing Pillow's conversion per pixel format; see
 //! [`to_rgb8`] for the details and the one deliberate deviation (16-bit grayscale).
 
-use std::fs::File;
 use std::io::{BufRead, BufReader, Cursor, Seek};
 use std::path::Path;
 
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
 
 use super::limits::{check_dimensions, ImageError, LoadOptions};
+use crate::load::regular_file;
 
 const SUPPORTED: &str = "JPEG, PNG, WebP, GIF, BMP, TIFF, PNM, TGA, ICO, QOI, HDR";
 
 /// Open, decode and convert an image file to 8-bit RGB (see the module docs).
 ///
 /// The format is recognised from the file's first bytes, not from its name; the extension is
-/// only used for TGA, the one supported format without a signature.
+/// only used for TGA, the one supported format without a signature. Only regular files are
+/// opened: a named pipe, a socket or a device is refused ("not a regular file") without being
+/// waited on (see [`crate::load::regular_file`]).
 pub fn load_rgb8(path: &Path, opts: &LoadOptions) -> Result<RgbImage, ImageError> {
-    let file = File::open(path).map_err(ImageError::Io)?;
-    let meta = file.metadata().map_err(ImageError::Io)?;
-    if meta.is_file() && meta.len() == 0 {
+    let (file, meta) = regular_file::open(path).map_err(ImageError::Io)?;
+    if meta.len() == 0 {
         return Err(ImageError::Empty);
     }
     let is_tga = path
@@ -308,5 +309,29 @@ mod tests {
             "image is too large: 100000x100000 is more than the limit of 178956970 pixels"
         );
         assert_eq!(ImageError::Empty.to_string(), "file is empty");
+    }
+
+    /// A named pipe nobody writes to used to block the open for ever (and with
+    /// it the whole batch): it is refused from its metadata instead.
+    #[cfg(unix)]
+    #[test]
+    fn a_named_pipe_is_refused_not_waited_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe.png");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(load_rgb8(&fifo, &LoadOptions::default()).map(|_| ()));
+        });
+        // The blocked thread, if any, dies with the test process.
+        let result = result
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("loading a named pipe blocked");
+        let err = result.unwrap_err().to_string();
+        assert_eq!(err, "cannot read file: not a regular file");
     }
 }

@@ -47,6 +47,8 @@ use caption_kernels::gemm_f32::{F32Panels, PackedMatrix};
 use caption_kernels::gemm_q8::{PackedMatrixQ8, Q8Panels};
 use caption_kernels::{PackedLinear, PanelFile};
 
+use super::regular_file;
+
 const MAGIC: &[u8; 8] = b"CAPTPACK";
 /// Bumped whenever a kernel's panel layout, or this file's, changes.
 const FORMAT: u32 = 1;
@@ -74,6 +76,7 @@ pub struct WeightCache {
 struct Writing {
     file: Arc<PanelFile>,
     temp: Mutex<Option<tempfile::TempPath>>,
+    _listed: ListedTempFile,
 }
 
 struct CacheFile {
@@ -362,12 +365,14 @@ impl CacheFile {
     /// The file at `path`, if there is one, it is whole, and it was made
     /// from `identity`; `Ok(None)` when there is none.
     fn open(path: &Path, identity: &str) -> Result<Option<Self>> {
-        let mut file = match File::open(path) {
-            Ok(file) => file,
+        // A named pipe or device under the file's name is unusable, not
+        // waited on: the file is written anew over it.
+        let (mut file, meta) = match regular_file::open(path) {
+            Ok(opened) => opened,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(err) => return Err(err).with_context(|| format!("cannot read {}", path.display())),
         };
-        let len = file.metadata()?.len();
+        let len = meta.len();
         let header = read_header(&mut file, len)
             .with_context(|| format!("{} is damaged", path.display()))?;
         anyhow::ensure!(
@@ -522,6 +527,7 @@ impl Writing {
             .prefix(TEMP_PREFIX)
             .tempfile_in(dir)?
             .into_parts();
+        let listed = ListedTempFile::new(temp.to_path_buf());
         let dir = dir.to_path_buf();
         let room = move |bytes| {
             disk_space(&dir).is_none_or(|(available, total)| leaves_room(bytes, available, total))
@@ -532,6 +538,7 @@ impl Writing {
         Ok(Self {
             file: Arc::new(file),
             temp: Mutex::new(Some(temp)),
+            _listed: listed,
         })
     }
 }
@@ -638,6 +645,50 @@ fn remove_abandoned_temp_files(dir: &Path, age: std::time::Duration) {
             let _ = std::fs::remove_file(entry.path());
         }
     }
+}
+
+/// The temporary files this process is writing. A process that exits on
+/// Ctrl-C mid-load runs no destructors, so their `TempPath`s cannot delete
+/// them: [`remove_temp_files`] does, before it exits.
+static TEMP_FILES: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// A temporary file's path in [`TEMP_FILES`], for as long as this lives.
+struct ListedTempFile(PathBuf);
+
+impl ListedTempFile {
+    fn new(path: PathBuf) -> Self {
+        temp_files().push(path.clone());
+        Self(path)
+    }
+}
+
+impl Drop for ListedTempFile {
+    fn drop(&mut self) {
+        temp_files().retain(|path| *path != self.0);
+    }
+}
+
+fn temp_files() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    TEMP_FILES.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Deletes the temporary files this process is writing into any pack
+/// cache, for a process about to exit in the middle of a load (on Ctrl-C):
+/// each is as large as its model, and nothing else would remove it before
+/// [`ABANDONED_AFTER`]. A load still writing one can no longer save it.
+pub fn remove_temp_files() {
+    remove_listed_temp_files(|_| true);
+}
+
+/// Deletes the listed temporary files that `which` picks.
+fn remove_listed_temp_files(which: impl Fn(&Path) -> bool) {
+    temp_files().retain(|path| {
+        let picked = which(path);
+        if picked {
+            let _ = std::fs::remove_file(path);
+        }
+        !picked
+    });
 }
 
 /// Whether writing `needed` bytes leaves the disk its reserve: a cache
@@ -780,6 +831,95 @@ mod tests {
             "a write in progress elsewhere is left alone"
         );
         assert!(cache.exists(), "cache files are not temporary files");
+    }
+
+    /// A named pipe under the cache file's name used to block the load for
+    /// ever in its open: now it is unusable, and replaced by the file.
+    #[cfg(unix)]
+    #[test]
+    fn a_named_pipe_in_place_of_the_file_is_replaced_not_waited_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let weights = vec![dir.path().join("model.safetensors")];
+        std::fs::write(&weights[0], b"weights").unwrap();
+        let path = dir.path().join(file_name(&Source {
+            label: "test-model",
+            weights: &weights,
+            config_json: "{}",
+            settings: "a",
+        }));
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let (done, opened) = std::sync::mpsc::channel();
+        let folder = dir.path().to_path_buf();
+        std::thread::spawn(move || {
+            let _ = done.send(cache(&folder, &weights, "a"));
+        });
+        // The blocked thread, if any, dies with the test process.
+        let pipe = opened
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("opening the cache blocked on a named pipe");
+        assert_eq!(pipe.path, path);
+        assert!(pipe.file.is_none());
+        let weight = Tensor::randn(0f32, 1.0, (40, 512), &Device::Cpu).unwrap();
+        let layer = PackedLayer::Blocks {
+            weight: Arc::new(QTensor::quantize(&weight, GgmlDType::Q8_0).unwrap()),
+            bias: None,
+        };
+        pipe.remember("layer.weight", layer);
+        let Outcome::Written { replaced, .. } = pipe.finish().unwrap() else {
+            panic!("not written");
+        };
+        assert!(
+            replaced
+                .as_deref()
+                .is_some_and(|why| why.ends_with("not a regular file")),
+            "{replaced:?}"
+        );
+        assert!(std::fs::metadata(&path).unwrap().is_file());
+    }
+
+    /// What a Ctrl-C during loading relies on: the file being written is
+    /// listed, deleted on request, and unlisted once the load is over.
+    #[test]
+    fn temporary_files_being_written_can_be_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let weights = [dir.path().join("model.safetensors")];
+        std::fs::write(&weights[0], b"weights").unwrap();
+        let temp_files_here = || -> Vec<PathBuf> {
+            std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|entry| entry.unwrap())
+                .filter(|entry| entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX))
+                .map(|entry| entry.path())
+                .collect()
+        };
+        let listed_here = || {
+            temp_files()
+                .iter()
+                .filter(|p| p.starts_with(dir.path()))
+                .count()
+        };
+        let loading = cache(dir.path(), &weights, "a");
+        // The file is made by the first layer packed into it; on a CPU
+        // without our kernels nothing is packed, and finish() makes it.
+        let _ = loading.writing();
+        assert_eq!(temp_files_here().len(), 1);
+        assert_eq!(listed_here(), 1);
+        // Other tests' files, in other folders, are left to them.
+        remove_listed_temp_files(|path| path.starts_with(dir.path()));
+        assert_eq!(temp_files_here(), Vec::<PathBuf>::new());
+        assert_eq!(listed_here(), 0);
+        drop(loading);
+        // A load that ends (here without saving) unlists and deletes its file.
+        let abandoned = cache(dir.path(), &weights, "a");
+        let _ = abandoned.writing();
+        assert_eq!(listed_here(), 1);
+        drop(abandoned);
+        assert_eq!(listed_here(), 0);
+        assert_eq!(temp_files_here(), Vec::<PathBuf>::new());
     }
 
     /// A file made under other settings is not used, and says why.
