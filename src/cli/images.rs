@@ -14,7 +14,8 @@ use caption::batch::{skip_captioned, Batches, Ended, Progress, Work};
 use caption::image::LoadOptions;
 use caption::output::sidecar::{Existing, SidecarOptions};
 use caption::output::{self, Format, Outcome, Record, TextColumns};
-use caption::resolve::registry::{Registry, Task};
+use caption::resolve::hub::ModelSource;
+use caption::resolve::registry::{Entry, Registry, Task};
 use caption::CaptionRequest;
 
 const DEFAULT_CAPTION_MODEL: &str = "blip-base";
@@ -110,12 +111,9 @@ pub fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStat
     let flags = generation_flags(&args.decoding);
     // Bad flag values fail before any download or model load.
     flags.resolve(args.decoding.seed).validate()?;
-    let captioner = open_for_task(args, registry, &runtime)?;
-    let request = CaptionRequest {
-        prompt: args.prompt.clone(),
-        generation: captioner.generation(&flags, args.decoding.seed),
-    };
-    request.generation.validate()?;
+    let model = resolve_for_task(args, registry)?;
+    // The inputs are gathered and checked before the model is fetched: a
+    // mistyped path must not cost a gigabyte's download first.
     let (inputs, problems) = gather_inputs(args)?;
     let sidecar = sidecar_options(args);
     let (inputs, skipped) = skip_captioned(inputs, sidecar.as_ref());
@@ -127,24 +125,31 @@ pub fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStat
             .images
             .iter()
             .any(|a| a == "-" || std::path::Path::new(a).is_dir());
+    if inputs.is_empty() {
+        // Nothing for a model to do: report the problems, load nothing.
+        let ranked = flags.resolve(args.decoding.seed).num_return_sequences > 1;
+        let mut writer = output::writer(
+            args.format,
+            std::io::stdout().lock(),
+            text_columns(args, several, ranked),
+        );
+        let status = write_problems(&mut *writer, problems)?;
+        writer.finish().context(WRITING_STDOUT)?;
+        return Ok(status);
+    }
+    let captioner = open_for_task(args, model, &runtime)?;
+    let request = CaptionRequest {
+        prompt: args.prompt.clone(),
+        generation: captioner.generation(&flags, args.decoding.seed),
+    };
+    request.generation.validate()?;
     let ranked = request.generation.num_return_sequences > 1;
     // From here on records are written: a Ctrl-C lets the batch in hand
     // finish, so that every one of them is whole.
     let interrupted = interrupt::stop_after_batch();
     let stdout = std::io::stdout().lock();
     let mut writer = output::writer(args.format, stdout, text_columns(args, several, ranked));
-    let mut status = RunStatus::AllGood;
-    for problem in problems {
-        let line = format!("caption: {}: {}", problem.shown, problem.reason);
-        eprintln!("{}", output::single_line(&line));
-        status = RunStatus::SomeFailed;
-        writer
-            .write(&Record {
-                path: problem.shown,
-                outcome: Outcome::Error(problem.reason),
-            })
-            .context(WRITING_STDOUT)?;
-    }
+    let status = write_problems(&mut *writer, problems)?;
     let batches = Batches {
         captioner: &captioner,
         work: work(args, request),
@@ -175,6 +180,26 @@ pub fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStat
     }
 }
 
+/// Each input that could not be used: a line on stderr and an error record.
+fn write_problems(
+    writer: &mut dyn output::RecordWriter,
+    problems: Vec<inputs::InputProblem>,
+) -> Result<RunStatus> {
+    let mut status = RunStatus::AllGood;
+    for problem in problems {
+        let line = format!("caption: {}: {}", problem.shown, problem.reason);
+        eprintln!("{}", output::single_line(&line));
+        status = RunStatus::SomeFailed;
+        writer
+            .write(&Record {
+                path: problem.shown,
+                outcome: Outcome::Error(problem.reason),
+            })
+            .context(WRITING_STDOUT)?;
+    }
+    Ok(status)
+}
+
 /// The combinations of flags that cannot work, refused before anything loads.
 fn check_arguments(args: &CaptionArgs) -> Result<()> {
     if args.images.is_empty() {
@@ -199,31 +224,41 @@ fn check_arguments(args: &CaptionArgs) -> Result<()> {
     Ok(())
 }
 
-/// The model `--model` names (or the default for the job), refused before
-/// loading when its alias is for the other job, and after loading when the
-/// checkpoint itself is.
-fn open_for_task(
+/// The model `--model` names (or the default for the job), resolved (no
+/// download yet) and refused when its alias is for the other job.
+fn resolve_for_task<'r>(
     args: &CaptionArgs,
-    registry: &Registry,
-    runtime: &caption::RuntimeOptions,
-) -> Result<caption::Captioner> {
+    registry: &'r Registry,
+) -> Result<(&'static str, ModelSource, Option<&'r Entry>)> {
     let asking = !args.ask.is_empty();
-    let model = args.model.as_deref().unwrap_or(if asking {
+    let default = if asking {
         DEFAULT_VQA_MODEL
     } else {
         DEFAULT_CAPTION_MODEL
-    });
+    };
+    let model = args.model.as_deref().unwrap_or(default);
     let (source, entry) = caption::resolve_model(model, registry)?;
     if let Some(entry) = entry {
         check_task(model, entry.task, asking)?;
     }
+    Ok((default, source, entry))
+}
+
+/// The resolved model, fetched and loaded, refused when the checkpoint
+/// itself is for the other job.
+fn open_for_task(
+    args: &CaptionArgs,
+    (model, source, entry): (&str, ModelSource, Option<&Entry>),
+    runtime: &caption::RuntimeOptions,
+) -> Result<caption::Captioner> {
+    let model = args.model.as_deref().unwrap_or(model);
     let captioner = open_model(&source, entry, runtime, args.quiet)?;
     let task = match (captioner.captions(), captioner.answers_questions()) {
         (true, true) => Task::Chat,
         (false, _) => Task::Vqa,
         (true, false) => Task::Caption,
     };
-    check_task(model, task, asking)?;
+    check_task(model, task, !args.ask.is_empty())?;
     Ok(captioner)
 }
 
