@@ -271,3 +271,54 @@ fn a_cache_file_made_from_other_weights_is_replaced() {
     assert_eq!(caption_ids(&after), before);
     assert_eq!(pack_files(&dir.path().join("cache")).len(), 1);
 }
+
+/// The issue's reproduction from the command line: four bytes changed at
+/// offset 4096 of a pack (inside the first layer's data) once gave empty
+/// captions with exit 0 on every later run. The next run must notice the
+/// damage by the pack's checksum, caption as the first run did, and say
+/// once on stderr that it replaced the damaged file; the run after that
+/// uses the new file, silently.
+#[test]
+fn damage_inside_a_packs_data_is_noticed_and_the_pack_rebuilt() {
+    let home = tempfile::tempdir().unwrap();
+    let packed = home.path().join(".cache/caption/packed");
+    // Without the AVX-512 kernels only quantized layers are saved.
+    let quantize: &[&str] = if caption::nn::packed_kernels_available() {
+        &[]
+    } else {
+        &["--quantize", "q8_0"]
+    };
+    let run = || {
+        let out = common::caption_command(home.path())
+            .env_remove("CAPTION_NO_WEIGHT_CACHE")
+            .args(["-m", "demo"])
+            .args(quantize)
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(out.status.success(), "{stderr}");
+        (String::from_utf8(out.stdout).unwrap(), stderr)
+    };
+    let (first, _) = run();
+    assert_eq!(first.lines().count(), 8, "{first}");
+    let [pack] = &pack_files(&packed)[..] else {
+        panic!("{:?}", pack_files(&packed));
+    };
+    let whole = std::fs::read(pack).unwrap();
+    // All ones: a NaN in the first weight (an f32, or a q8_0 block's f16
+    // scale), which spreads to every output, as in the issue.
+    let mut damaged = whole.clone();
+    assert_ne!(&damaged[4096..4100], &[0xff; 4]);
+    damaged[4096..4100].fill(0xff);
+    std::fs::write(pack, &damaged).unwrap();
+    let (second, note) = run();
+    assert_eq!(second, first);
+    assert_eq!(note.lines().count(), 1, "{note}");
+    assert!(
+        note.contains("damaged") && note.contains("checksum") && note.contains("replacing"),
+        "{note}"
+    );
+    assert_eq!(std::fs::read(pack).unwrap(), whole, "rebuilt whole");
+    assert_eq!(run(), (first, String::new()));
+}

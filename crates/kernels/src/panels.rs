@@ -250,6 +250,13 @@ impl PanelFile {
         self.file.set_len(self.bytes_so_far())
     }
 
+    /// Puts the file's bytes and size on disk. The panels packed through
+    /// its mappings are included: on Linux those are the file's own
+    /// page-cache pages, which a write through a shared mapping marks dirty.
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.file.sync_all()
+    }
+
     /// Bytes the file holds so far.
     pub fn bytes_so_far(&self) -> u64 {
         *self.end.lock().unwrap_or_else(|p| p.into_inner())
