@@ -411,8 +411,13 @@ impl CacheFile {
             Err(err) => return Err(err).with_context(|| format!("cannot read {}", path.display())),
         };
         let len = meta.len();
-        let header = read_header(&mut file, len)
-            .with_context(|| format!("{} is damaged", path.display()))?;
+        let header = read_header(&mut file, len).map_err(|err| {
+            match err.downcast_ref::<OtherFormat>() {
+                // Not damage: a file an older (or newer) caption wrote.
+                Some(other) => anyhow::anyhow!("{} {other}", path.display()),
+                None => err.context(format!("{} is damaged", path.display())),
+            }
+        })?;
         anyhow::ensure!(
             header.identity == identity,
             "{} was packed from other weights, config or settings",
@@ -551,16 +556,22 @@ fn populate_huge(map: &memmap2::Mmap) {
     let _ = map;
 }
 
+/// A cache file in another version of the format: rebuilt, not damaged.
+#[derive(Debug, thiserror::Error)]
+#[error("was written in cache format {found}, and this build reads format {FORMAT}")]
+struct OtherFormat {
+    found: u32,
+}
+
 fn read_header(file: &mut File, len: u64) -> Result<Header> {
     anyhow::ensure!(len >= 12 + TRAILER, "too short");
     let mut start = [0u8; 12];
     file.read_exact(&mut start)?;
     anyhow::ensure!(&start[..8] == MAGIC, "not a pack-cache file");
     let format = u32::from_le_bytes(start[8..].try_into().unwrap());
-    anyhow::ensure!(
-        format == FORMAT,
-        "format {format}, this build reads {FORMAT}"
-    );
+    if format != FORMAT {
+        return Err(OtherFormat { found: format }.into());
+    }
     let mut trailer = [0u8; TRAILER as usize];
     file.seek(SeekFrom::Start(len - TRAILER))?;
     file.read_exact(&mut trailer)?;
@@ -897,6 +908,25 @@ mod tests {
             settings,
         };
         WeightCache::open(dir, &source).unwrap()
+    }
+
+    /// A file an older build wrote (another format number) is rebuilt and
+    /// said to be of another format, not to be damaged.
+    #[test]
+    fn a_file_of_another_format_is_old_not_damaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let weights = [dir.path().join("model.safetensors")];
+        std::fs::write(&weights[0], b"weights").unwrap();
+        let path = cache(dir.path(), &weights, "a").path().to_path_buf();
+        let mut old = MAGIC.to_vec();
+        old.extend((FORMAT - 1).to_le_bytes());
+        old.resize(4096, 0);
+        std::fs::write(&path, old).unwrap();
+        let reason = cache(dir.path(), &weights, "a").rejected.unwrap();
+        assert!(
+            reason.contains("format") && !reason.contains("damaged"),
+            "{reason}"
+        );
     }
 
     #[test]
