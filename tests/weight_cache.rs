@@ -280,19 +280,21 @@ fn a_cache_file_made_from_other_weights_is_replaced() {
 /// uses the new file, silently.
 #[test]
 fn damage_inside_a_packs_data_is_noticed_and_the_pack_rebuilt() {
+    if !caption::nn::packed_kernels_available() {
+        // Without the packed kernels only quantized layers are saved, and
+        // the demo model's layers are narrower than the 256 that
+        // --quantize requires: no pack is written for the CLI to damage.
+        // damaged_data_fails_its_checksum_and_the_file_is_rewritten (a
+        // unit test on candle's q8_0 blocks) covers the check everywhere.
+        eprintln!("skipped: no packed kernels here (CAPTION_KERNELS=portable or no AVX-512)");
+        return;
+    }
     let home = tempfile::tempdir().unwrap();
     let packed = home.path().join(".cache/caption/packed");
-    // Without the AVX-512 kernels only quantized layers are saved.
-    let quantize: &[&str] = if caption::nn::packed_kernels_available() {
-        &[]
-    } else {
-        &["--quantize", "q8_0"]
-    };
     let run = || {
         let out = common::caption_command(home.path())
             .env_remove("CAPTION_NO_WEIGHT_CACHE")
             .args(["-m", "demo"])
-            .args(quantize)
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples"))
             .output()
             .unwrap();
