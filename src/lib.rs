@@ -27,6 +27,8 @@
 
 pub mod batch;
 pub mod captioner;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod generate;
 pub mod image;
 pub mod load;

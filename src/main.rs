@@ -1,5 +1,6 @@
 //! The `caption` command: parse arguments, run the library, map the outcome to
-//! an exit code (0: all good, 1: some input failed, 2: usage or setup error).
+//! an exit code (0: all good, 1: some input failed or the run could not go
+//! on, 2: usage or setup error).
 
 use std::process::ExitCode;
 
@@ -22,10 +23,15 @@ fn main() -> ExitCode {
         Ok(status) => status.exit_code(),
         Err(err) if cli::is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
+            // A run that started and then could not go on (the weights
+            // changed under it) failed; a setup or usage error is 2.
+            let ran = err
+                .chain()
+                .any(|cause| cause.is::<caption::load::watched_map::WeightsChanged>());
             // One line, whatever the error quotes (a file name with a line break).
             let message = format!("caption: {err:#}");
             eprintln!("{}", caption::output::single_line(&message));
-            ExitCode::from(2)
+            ExitCode::from(if ran { 1 } else { 2 })
         }
     }
 }

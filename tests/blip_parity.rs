@@ -72,6 +72,7 @@ fn float64_image_embeds_and_first_logits_match_transformers_exactly() {
         dtype: Some(DType::F64),
         quantization: None,
         pack_cache: None,
+        ..RuntimeOptions::default()
     };
     let captioner = Captioner::load(&files, &runtime).unwrap();
     for case in &reference.cases {

@@ -359,3 +359,65 @@ fn sidecars_are_whole_existing_ones_are_kept_and_an_interrupted_run_resumes() {
     assert_eq!(all.len(), GOOD);
     assert!(all.values().all(|t| t.starts_with("zz ")));
 }
+
+/// The reproduction: a file name that is not UTF-8, named on the
+/// command line, stopped the whole run with exit 2. Now it is captioned,
+/// named on the command line, found in a folder, or missing; its path
+/// shows U+FFFD in place of the bad bytes and, in jsonl, `path_bytes`
+/// holds the name's bytes, so a program can still find the file.
+#[cfg(unix)]
+#[test]
+fn file_names_that_are_not_utf8_are_captioned_and_named_by_their_bytes() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path().join("photos");
+    std::fs::create_dir(&dir).unwrap();
+    let name = OsStr::from_bytes(b"caf\xe9.png");
+    let photo = dir.join(name);
+    std::fs::copy(fixtures().join("images/chelsea.png"), &photo).unwrap();
+    let missing = dir.join(OsStr::from_bytes(b"gone\xff.png"));
+    let out = caption(home.path())
+        .args(["--format", "jsonl"])
+        .arg(&photo)
+        .arg(&dir)
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let records = jsonl(&out);
+    assert_eq!(records.len(), 3, "{records:?}");
+    let bytes = |record: &serde_json::Value| -> Vec<u8> {
+        record["path_bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect()
+    };
+    // Problems found while gathering the inputs come first.
+    let (errors, captions): (Vec<_>, Vec<_>) = records
+        .iter()
+        .partition(|record| record["error"].is_string());
+    assert_eq!((errors.len(), captions.len()), (1, 2), "{records:?}");
+    for record in &captions {
+        assert!(record["caption"].is_string(), "{record}");
+        assert_eq!(bytes(record), photo.as_os_str().as_bytes());
+        assert!(record["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("caf\u{fffd}.png"));
+    }
+    assert_eq!(captions[0]["caption"], captions[1]["caption"]);
+    assert_eq!(bytes(errors[0]), missing.as_os_str().as_bytes());
+    // One line on stderr, for the missing one.
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    assert!(stderr(&out).contains("gone\u{fffd}.png"));
+    // A UTF-8 name has no path_bytes.
+    let plain = caption(home.path())
+        .args(["--format", "jsonl"])
+        .arg(fixtures().join("images/chelsea.png"))
+        .output()
+        .unwrap();
+    assert!(jsonl(&plain)[0].get("path_bytes").is_none());
+}

@@ -314,3 +314,56 @@ fn ctrl_c_while_reading_the_list_on_stdin_stops_at_once() {
     assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "");
 }
+
+/// The reproduction: Ctrl-C while a URL's download hung took 60 to
+/// 90 s (the download's timeout) and dropped the batch being loaded. Now
+/// the run stops at once: the image captioned before is written whole, the
+/// hung one is not done, and the exit code is 130.
+#[test]
+fn ctrl_c_while_a_download_hangs_stops_at_once() {
+    use std::io::{BufRead, BufReader};
+    let home = tempfile::tempdir().unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/never.png", listener.local_addr().unwrap());
+    let (asked, request_came) = std::sync::mpsc::channel();
+    // Reads the request, then never answers (the connection stays open).
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut line = String::new();
+        while reader.read_line(&mut line).unwrap() > 0 && line != "\r\n" {
+            line.clear();
+        }
+        asked.send(()).unwrap();
+        std::thread::sleep(Duration::from_secs(600));
+        drop(stream);
+    });
+    let mut cmd = common::caption_command(home.path());
+    cmd.args(["-m", "demo", "--format", "jsonl", "--batch-size", "1"])
+        .arg(examples().join("shapes_1.png"))
+        .arg(&url);
+    let mut child = spawn(cmd);
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    request_came.recv_timeout(LIMIT).unwrap();
+    let asked_at = Instant::now();
+    send_sigint(&child);
+    let out = finish_within(child, PROMPTLY);
+    assert!(
+        asked_at.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        asked_at.elapsed()
+    );
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out.stderr));
+    let record: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert!(record["caption"].is_string(), "{first}");
+    assert_eq!(rest, "", "nothing for the download that never came");
+    assert!(
+        text(&out.stderr).contains("interrupted after 1 of 2 images"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -324,3 +324,113 @@ fn damage_inside_a_packs_data_is_noticed_and_the_pack_rebuilt() {
     assert_eq!(std::fs::read(pack).unwrap(), whole, "rebuilt whole");
     assert_eq!(run(), (first, String::new()));
 }
+
+/// The reproduction: a pack truncated while a run maps it killed
+/// the run with SIGBUS (exit 135, 2 of 8 captions written). Now the run
+/// gives every caption finished before the change, then stops with one
+/// line naming the file, and exit 1; never a signal.
+#[test]
+fn a_pack_cut_short_under_a_run_ends_it_with_an_error_not_a_signal() {
+    changed_under_a_run("cut short", |pack| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(pack)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+    });
+}
+
+/// Rewritten in place (same size, other bytes): the weights changed under
+/// the model, so the batch in hand is not given out.
+#[test]
+fn a_pack_rewritten_in_place_under_a_run_ends_it_with_an_error() {
+    changed_under_a_run("changed", |pack| {
+        use std::io::{Seek, Write};
+        let mut file = std::fs::OpenOptions::new().write(true).open(pack).unwrap();
+        file.seek(std::io::SeekFrom::Start(4096)).unwrap();
+        file.write_all(&[0xff; 4]).unwrap();
+    });
+}
+
+/// Runs the demo model over a file and then a URL whose answer waits until
+/// `change` has been done to the pack the run maps (after the file's
+/// caption came out), and checks how the run ends.
+fn changed_under_a_run(how: &str, change: impl FnOnce(&Path)) {
+    use std::io::BufRead;
+    if !caption::nn::packed_kernels_available() {
+        // No pack is written without the packed kernels (see above).
+        eprintln!("skipped: no packed kernels here (CAPTION_KERNELS=portable or no AVX-512)");
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let packed = home.path().join(".cache/caption/packed");
+    let photo = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/photos/coffee.jpg");
+    let first = common::caption_command(home.path())
+        .env_remove("CAPTION_NO_WEIGHT_CACHE")
+        .args(["-m", "demo"])
+        .arg(&photo)
+        .output()
+        .unwrap();
+    assert!(first.status.success());
+    let [pack] = &pack_files(&packed)[..] else {
+        panic!("{:?}", pack_files(&packed));
+    };
+    let (url, release) = held_image(&photo);
+    let mut run = common::caption_command(home.path())
+        .env_remove("CAPTION_NO_WEIGHT_CACHE")
+        .args(["-m", "demo", "--batch-size", "1"])
+        .arg(&photo)
+        .arg(&url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(run.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let caption = String::from_utf8(first.stdout).unwrap();
+    assert!(
+        line.ends_with('\n') && line.trim_end().ends_with(caption.trim()),
+        "{line:?} {caption:?}"
+    );
+    change(pack);
+    release.send(()).unwrap();
+    let out = run.wait_with_output().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(rest, "", "no result from the batch in hand");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains(&pack.display().to_string()) && stderr.contains(how),
+        "{stderr}"
+    );
+}
+
+/// A loopback server answering one request with `image`'s bytes once
+/// the returned sender is sent to.
+fn held_image(image: &Path) -> (String, std::sync::mpsc::Sender<()>) {
+    use std::io::{BufRead, Write};
+    let body = std::fs::read(image).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/coffee.jpg", listener.local_addr().unwrap());
+    let (release, released) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+        let mut header = String::new();
+        while reader.read_line(&mut header).unwrap() > 0 && header != "\r\n" {
+            header.clear();
+        }
+        let _ = released.recv();
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let _ = stream.write_all(head.as_bytes());
+        let _ = stream.write_all(&body);
+    });
+    (url, release)
+}

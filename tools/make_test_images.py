@@ -7,6 +7,7 @@ grayscale, 16-bit, RGBA, palette with transparency, CMYK, 1x1 and very wide.
 Deterministic: running it twice writes identical files.
 """
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,16 @@ def main():
     wide[..., 1] = 128
     wide[..., 2] = (np.arange(9) * 28).astype(np.uint8)[:, None]
     Image.fromarray(wide).save(OUT / "wide.png")
+
+    # Files Pillow opens that a strict decoder refuses: an icon as Pillow
+    # writes one (PNGs in RGB inside), and a PNG without its end chunk.
+    small = Image.open(OUT / "chelsea.png").convert("RGB")
+    small.thumbnail((48, 48))
+    small.save(OUT / "pillow_rgb.ico")
+    png = io.BytesIO()
+    small.save(png, "PNG")
+    assert png.getvalue().endswith(b"IEND\xaeB`\x82")
+    (OUT / "no_end_chunk.png").write_bytes(png.getvalue()[:-12])
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ pub struct Input {
 pub struct InputProblem {
     /// The path as given or found, like [`Input::shown`].
     pub shown: String,
+    /// The path's bytes, where they are not UTF-8 (see [`crate::output::path_bytes`]).
+    pub path_bytes: Option<Vec<u8>>,
     /// Why it cannot be used, in one line (e.g. "no such file or directory").
     pub reason: String,
 }
@@ -75,16 +77,19 @@ pub struct CollectOptions {
 /// Nothing is deduplicated: a file named twice, or reached through two
 /// arguments, is listed twice.
 pub fn collect(
-    args: &[String],
+    args: &[impl AsRef<OsStr>],
     mut stdin: impl BufRead,
     opts: &CollectOptions,
 ) -> (Vec<Input>, Vec<InputProblem>) {
     let mut out = Collected::default();
     for arg in args {
+        let arg = arg.as_ref();
         if arg == "-" {
             read_list(&mut stdin, opts, &mut out);
         } else {
-            out.argument(arg.clone(), PathBuf::from(arg), opts);
+            // A name that is not UTF-8 is shown with U+FFFD in its place
+            // and opened by its bytes.
+            out.argument(arg.to_string_lossy().into_owned(), PathBuf::from(arg), opts);
         }
     }
     (out.inputs, out.problems)
@@ -103,9 +108,12 @@ struct Collected {
 }
 
 impl Collected {
-    fn problem(&mut self, shown: String, reason: impl Into<String>) {
+    /// `shown`: the path as given or found (shown lossily where it is not
+    /// UTF-8; its bytes are kept too).
+    fn problem(&mut self, shown: &Path, reason: impl Into<String>) {
         self.problems.push(InputProblem {
-            shown,
+            shown: shown.display().to_string(),
+            path_bytes: crate::output::path_bytes(shown),
             reason: reason.into(),
         });
     }
@@ -118,33 +126,37 @@ impl Collected {
             return;
         }
         match fs::metadata(&path) {
-            Ok(meta) if meta.is_dir() => self.folder(shown, path, opts),
+            Ok(meta) if meta.is_dir() => self.folder(path, opts),
             Ok(meta) if meta.is_file() => self.inputs.push(Input { shown, path }),
-            Ok(_) => self.problem(shown, regular_file::NOT_REGULAR),
+            Ok(_) => self.problem(&path, regular_file::NOT_REGULAR),
             Err(err) => {
                 let reason = if is_broken_link(&path, &err) {
                     "broken symbolic link".to_string()
                 } else {
                     describe(&err)
                 };
-                self.problem(shown, reason);
+                self.problem(&path, reason);
             }
         }
     }
 
     /// Walks a folder argument depth first with an explicit stack (no
     /// recursion, so deep trees cannot overflow the call stack).
-    fn folder(&mut self, shown: String, root: PathBuf, opts: &CollectOptions) {
+    fn folder(&mut self, root: PathBuf, opts: &CollectOptions) {
         let (inputs_before, problems_before) = (self.inputs.len(), self.problems.len());
         let mut visited = HashSet::new();
         if let Ok(canonical) = fs::canonicalize(&root) {
             visited.insert(canonical);
         }
-        let shown_root = PathBuf::from(&shown);
+        // Entries are shown under the folder as it was named.
+        let shown_root = root.clone();
         let entries = match sorted_entries(&root) {
             Ok(entries) => entries,
             Err(err) => {
-                self.problem(shown, format!("cannot read folder: {}", describe(&err)));
+                self.problem(
+                    &shown_root,
+                    format!("cannot read folder: {}", describe(&err)),
+                );
                 return;
             }
         };
@@ -174,7 +186,7 @@ impl Collected {
                         } else {
                             describe(&err)
                         };
-                        self.problem(shown_path.display().to_string(), reason);
+                        self.problem(&shown_path, reason);
                     }
                     continue;
                 }
@@ -192,7 +204,7 @@ impl Collected {
                 match sorted_entries(&path) {
                     Ok(entries) => stack.push((entries, path, shown_path)),
                     Err(err) => self.problem(
-                        shown_path.display().to_string(),
+                        &shown_path,
                         format!("cannot read folder: {}", describe(&err)),
                     ),
                 }
@@ -208,7 +220,7 @@ impl Collected {
             } else {
                 "folder holds no image files"
             };
-            self.problem(shown, reason);
+            self.problem(&shown_root, reason);
         }
     }
 
@@ -220,7 +232,7 @@ impl Collected {
         if meta.is_file() {
             self.inputs.push(Input { shown, path });
         } else {
-            self.problem(shown, regular_file::NOT_REGULAR);
+            self.problem(&shown_path, regular_file::NOT_REGULAR);
         }
     }
 }
@@ -235,7 +247,7 @@ fn read_list(stdin: &mut impl BufRead, opts: &CollectOptions, out: &mut Collecte
             Ok(_) => {}
             Err(err) => {
                 out.problem(
-                    "-".to_string(),
+                    Path::new("-"),
                     format!("cannot read standard input: {}", describe(&err)),
                 );
                 return;
@@ -256,7 +268,10 @@ fn read_list(stdin: &mut impl BufRead, opts: &CollectOptions, out: &mut Collecte
                 let path = PathBuf::from(name);
                 out.argument(path.display().to_string(), path, opts);
             }
-            Err(lossy) => out.problem(lossy, "path on standard input is not valid UTF-8"),
+            Err(lossy) => out.problem(
+                Path::new(&lossy),
+                "path on standard input is not valid UTF-8",
+            ),
         }
     }
 }
@@ -590,6 +605,7 @@ mod tests {
             problems,
             [InputProblem {
                 shown: arg(&root.join("broken.jpg")),
+                path_bytes: None,
                 reason: "broken symbolic link".into()
             }]
         );
@@ -627,6 +643,7 @@ mod tests {
             problems,
             [InputProblem {
                 shown: format!("{d}/missing.jpg"),
+                path_bytes: None,
                 reason: "no such file or directory".into()
             }]
         );
@@ -644,6 +661,7 @@ mod tests {
             problems,
             [InputProblem {
                 shown: missing,
+                path_bytes: None,
                 reason: "no such file or directory".into()
             }]
         );
@@ -736,6 +754,7 @@ mod tests {
             problems,
             ["b.png", "sub/c.jpg"].map(|name| InputProblem {
                 shown: arg(&dir.path().join(name)),
+                path_bytes: None,
                 reason: "not a regular file".into()
             })
         );

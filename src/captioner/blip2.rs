@@ -255,6 +255,7 @@ impl Conversation<'_> {
             )?
             .pop()
             .expect("one row of answers per image");
+            self.captioner.check_weights()?;
             self.turns.push(Turn {
                 question: question.trim().to_string(),
                 answer: answers[0].text.clone(),

@@ -40,6 +40,9 @@ pub struct RuntimeOptions {
     /// mapped by later ones. `None`, the library's default, packs at every
     /// load; the CLI's default is [`crate::resolve::bundled::cache_root`]`/packed`.
     pub pack_cache: Option<std::path::PathBuf>,
+    /// What the weight cache's files may take together; the least recently
+    /// used are deleted beyond it (see [`WeightCache::with_size_limit`]).
+    pub pack_cache_limit: u64,
 }
 
 impl Default for RuntimeOptions {
@@ -49,6 +52,7 @@ impl Default for RuntimeOptions {
             dtype: None,
             quantization: None,
             pack_cache: None,
+            pack_cache_limit: weight_cache::DEFAULT_SIZE_LIMIT,
         }
     }
 }
@@ -110,6 +114,14 @@ pub struct Captioner {
 }
 
 impl Captioner {
+    /// Fails, naming the file, if weights this model reads from the weight
+    /// cache were cut short or changed by another program since they were
+    /// mapped: anything computed since may be wrong. Cheap (one `fstat`
+    /// per cache file); call it before giving out results.
+    pub fn check_weights(&self) -> Result<()> {
+        crate::load::watched_map::check()
+    }
+
     /// Loads the model in `files` (from [`crate::resolve::hub::fetch`]).
     pub fn load(files: &ModelFiles, runtime: &RuntimeOptions) -> Result<Self> {
         let config_text = read(&files.config)?;
@@ -674,7 +686,8 @@ impl Decoder for BlipCaptionDecoder<'_> {
 }
 
 fn read(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+    crate::load::regular_file::read_text(path)
+        .with_context(|| format!("reading {}", path.display()))
 }
 
 /// The image processor settings: `preprocessor_config.json` as it is, or the
@@ -712,7 +725,8 @@ fn open_pack_cache(
         config_json: config_text,
         settings: &settings,
     };
-    Ok(Some(Arc::new(WeightCache::open(dir, &source)?)))
+    let cache = WeightCache::open(dir, &source)?.with_size_limit(runtime.pack_cache_limit);
+    Ok(Some(Arc::new(cache)))
 }
 
 /// What a user should hear about the weight cache after a load: that it

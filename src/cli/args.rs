@@ -44,7 +44,7 @@ pub enum Command {
 pub struct CaptionArgs {
     /// Image files and folders to caption; `-` reads paths from stdin, one per line.
     #[arg(value_name = "IMAGE")]
-    pub images: Vec<String>,
+    pub images: Vec<std::ffi::OsString>,
 
     /// Descend into subfolders of the folders given.
     #[arg(short, long)]
@@ -131,6 +131,14 @@ pub struct CaptionArgs {
     /// Ignore EXIF orientation (transformers does): use the pixels as stored.
     #[arg(long)]
     pub no_exif_rotate: bool,
+
+    /// Refuse (as a failed input) an image with more pixels than this,
+    /// before decoding it. The default is where Pillow refuses an image as
+    /// a decompression bomb (2 x Image.MAX_IMAGE_PIXELS); a decoded pixel
+    /// takes 3-8 bytes while it is decoded.
+    #[arg(long, value_name = "N", default_value_t = caption::image::PILLOW_MAX_PIXELS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_pixels: u64,
 
     /// Print nothing on stderr but errors.
     #[arg(short, long)]
@@ -229,6 +237,38 @@ pub struct RuntimeArgs {
     #[arg(long, env = "CAPTION_NO_WEIGHT_CACHE", hide_env = true,
           value_parser = clap::builder::FalseyValueParser::new())]
     pub no_weight_cache: bool,
+
+    /// How much the weight cache's files may take together, e.g. 20G or
+    /// 500M (bytes without a suffix); after each load the least recently
+    /// used are deleted until the rest fit. The one in use always stays.
+    /// Also CAPTION_WEIGHT_CACHE_LIMIT.
+    #[arg(long, value_name = "SIZE", env = "CAPTION_WEIGHT_CACHE_LIMIT", hide_env = true,
+          default_value = "20G", value_parser = parse_size)]
+    pub weight_cache_limit: u64,
+}
+
+/// `20G`, `500M`, `64K` (powers of 1024) or plain bytes.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, shift) = match text.char_indices().last() {
+        Some((at, unit)) if unit.is_ascii_alphabetic() => {
+            let shift = match unit.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("{text:?}: the unit must be K, M, G or T")),
+            };
+            (&text[..at], shift)
+        }
+        _ => (text, 0),
+    };
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like 20G, 500M or 1000000"))?;
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is more than 16 EiB"))
 }
 
 /// `caption chat IMAGE`.
@@ -236,7 +276,7 @@ pub struct RuntimeArgs {
 pub struct ChatArgs {
     /// The image to talk about.
     #[arg(value_name = "IMAGE")]
-    pub image: String,
+    pub image: std::ffi::OsString,
 
     /// A BLIP-2 model: an alias (see `caption models`), a Hub id, or a local folder.
     #[arg(short, long, env = "CAPTION_CHAT_MODEL", default_value = DEFAULT_CHAT_MODEL)]
@@ -251,6 +291,14 @@ pub struct ChatArgs {
     /// Ignore EXIF orientation (transformers does): use the pixels as stored.
     #[arg(long)]
     pub no_exif_rotate: bool,
+
+    /// Refuse (as a failed input) an image with more pixels than this,
+    /// before decoding it. The default is where Pillow refuses an image as
+    /// a decompression bomb (2 x Image.MAX_IMAGE_PIXELS); a decoded pixel
+    /// takes 3-8 bytes while it is decoded.
+    #[arg(long, value_name = "N", default_value_t = caption::image::PILLOW_MAX_PIXELS,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_pixels: u64,
 
     /// Print nothing on stderr but errors and notices about the conversation.
     #[arg(short, long)]
@@ -337,5 +385,6 @@ pub fn runtime_options(args: &RuntimeArgs) -> Result<RuntimeOptions> {
         quantization: args.quantize.map(QuantizeArg::quantization),
         pack_cache: (!args.no_weight_cache)
             .then(|| caption::resolve::bundled::cache_root().join("packed")),
+        pack_cache_limit: args.weight_cache_limit,
     })
 }

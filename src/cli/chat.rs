@@ -39,10 +39,10 @@ pub fn run(args: &ChatArgs, registry: &Registry) -> Result<RunStatus> {
     }
     let load_options = LoadOptions {
         exif_rotate: !args.no_exif_rotate,
-        ..LoadOptions::default()
+        max_pixels: args.max_pixels,
     };
     let image = caption::batch::load_image(&args.image, &load_options)
-        .map_err(|err| anyhow::anyhow!("{}: {err}", args.image))?;
+        .map_err(|err| anyhow::anyhow!("{}: {err}", args.image.to_string_lossy()))?;
     let captioner = open_model(&source, entry, &runtime, args.quiet)?;
     if !captioner.converses() {
         bail!(
@@ -54,7 +54,7 @@ pub fn run(args: &ChatArgs, registry: &Registry) -> Result<RunStatus> {
     generation.validate()?;
     let mut conversation = captioner.conversation(&image)?;
     // Sampling draws from a stream named by the image, as captioning does.
-    let stream = caption::batch::inputs::fnv1a64(args.image.as_bytes());
+    let stream = caption::batch::inputs::fnv1a64(args.image.as_encoded_bytes());
     converse(&mut conversation, stream, &generation)
 }
 

@@ -98,7 +98,8 @@ fn gather_inputs(args: &CaptionArgs) -> Result<(Vec<Input>, Vec<inputs::InputPro
         problems.retain(|problem| shard.takes(&problem.shown));
     }
     if found.is_empty() && problems.is_empty() && args.shard.is_none() {
-        bail!("no images found in {}", args.images.join(" "));
+        let named: Vec<_> = args.images.iter().map(|a| a.to_string_lossy()).collect();
+        bail!("no images found in {}", named.join(" "));
     }
     Ok((found, problems))
 }
@@ -156,7 +157,7 @@ pub fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStat
         batch_size: args.batch_size as usize,
         load_options: LoadOptions {
             exif_rotate: !args.no_exif_rotate,
-            ..LoadOptions::default()
+            max_pixels: args.max_pixels,
         },
         sidecar,
         stop: Some(interrupted),
@@ -164,9 +165,13 @@ pub fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStat
     let progress = ProgressBar::new(inputs.len(), args.quiet);
     let ended = batches.run(&inputs, &progress, |record| {
         writer.write(&record).context(WRITING_STDOUT)
-    })?;
+    });
     progress.finish();
-    writer.finish().context(WRITING_STDOUT)?;
+    // Closed even when the run failed part-way (e.g. `--format json`'s
+    // array), so what was written stays a whole document.
+    let finished = writer.finish().context(WRITING_STDOUT);
+    let ended = ended?;
+    finished?;
     match ended {
         Ended::Stopped { done, .. } => {
             eprintln!(
@@ -193,6 +198,7 @@ fn write_problems(
         writer
             .write(&Record {
                 path: problem.shown,
+                path_bytes: problem.path_bytes,
                 outcome: Outcome::Error(problem.reason),
             })
             .context(WRITING_STDOUT)?;

@@ -64,8 +64,8 @@ impl GenerationDefaults {
     /// The decoding settings of a `generation_config.json`; fields that are not
     /// about decoding (token ids, transformers' version) are not ours to read here.
     pub fn from_generation_config(path: &std::path::Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = crate::load::regular_file::read_text(path)
+            .with_context(|| format!("reading {}", path.display()))?;
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
     }
 

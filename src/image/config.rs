@@ -119,7 +119,7 @@ impl PreprocessConfig {
 
     /// Read and parse a `preprocessor_config.json` file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
+        let text = crate::load::regular_file::read_text(path)
             .with_context(|| format!("cannot read {}", path.display()))?;
         Self::from_json_str(&text).with_context(|| format!("in {}", path.display()))
     }

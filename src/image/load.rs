@@ -54,22 +54,32 @@ fn decode_reader<R: BufRead + Seek>(
         .with_guessed_format()
         .map_err(ImageError::Io)?;
     match reader.format() {
-        // libjpeg decodes from memory (Pillow's decoder, bit for bit; see `jpeg.rs`).
-        Some(ImageFormat::Jpeg) => {
-            let owned;
+        // Decoded from memory: libjpeg (Pillow's decoder, bit for bit; see
+        // `jpeg.rs`), and PNGs without an end chunk or inside an icon, which
+        // Pillow reads and the `image` crate needs help with (`lenient.rs`).
+        Some(format @ (ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::Ico)) => {
             let bytes = match whole {
-                Some(bytes) => bytes,
+                Some(bytes) => std::borrow::Cow::Borrowed(bytes),
                 None => {
                     let mut buf = Vec::new();
                     reader
                         .into_inner()
                         .read_to_end(&mut buf)
                         .map_err(ImageError::Io)?;
-                    owned = buf;
-                    &owned
+                    std::borrow::Cow::Owned(buf)
                 }
             };
-            return super::jpeg::decode(bytes, opts);
+            return match format {
+                ImageFormat::Jpeg => super::jpeg::decode(&bytes, opts),
+                ImageFormat::Png => decode_png(&bytes, opts),
+                _ => match super::lenient::largest_png_icon(&bytes)? {
+                    Some(png) => decode_png(png, opts),
+                    None => decode_with(
+                        ImageReader::with_format(Cursor::new(&bytes[..]), format),
+                        opts,
+                    ),
+                },
+            };
         }
         Some(_) => {}
         // TGA files have no magic number; trust the extension for them only.
@@ -81,6 +91,23 @@ fn decode_reader<R: BufRead + Seek>(
         }
     }
     decode_with(reader, opts)
+}
+
+/// A PNG, or one whose end chunk is missing (as Pillow reads it).
+fn decode_png(bytes: &[u8], opts: &LoadOptions) -> Result<RgbImage, ImageError> {
+    let png = |bytes| {
+        decode_with(
+            ImageReader::with_format(Cursor::new(bytes), ImageFormat::Png),
+            opts,
+        )
+    };
+    match png(bytes) {
+        Err(ImageError::Corrupt(reason)) => match super::lenient::with_end_chunk(bytes) {
+            Some(ended) => png(&ended),
+            None => Err(ImageError::Corrupt(reason)),
+        },
+        decoded => decoded,
+    }
 }
 
 fn decode_with<R: BufRead + Seek>(

@@ -8,5 +8,6 @@ mod pickle;
 mod pytorch;
 pub mod regular_file;
 pub mod tokenizer;
+pub mod watched_map;
 pub mod weight_cache;
 pub mod weights;

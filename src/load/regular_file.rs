@@ -39,6 +39,34 @@ fn open_checked(path: &Path) -> io::Result<(File, Metadata)> {
     Ok((file, meta))
 }
 
+/// The most a model folder's text file (config, tokenizer, processor,
+/// generation settings) may hold: the largest tokenizer.json on the Hub is
+/// tens of MB; a file beyond this is no such file, and is not read into
+/// memory.
+pub const MAX_TEXT_BYTES: u64 = 512 << 20;
+
+/// The whole of the regular file at `path` as UTF-8 text, refused unread
+/// (not waited on, not loaded) when it is not a regular file or is larger
+/// than [`MAX_TEXT_BYTES`].
+pub fn read_text(path: &Path) -> io::Result<String> {
+    use std::io::Read;
+    let (file, meta) = open(path)?;
+    if meta.len() > MAX_TEXT_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{} bytes is more than a model's text file may hold ({} MB)",
+                meta.len(),
+                MAX_TEXT_BYTES >> 20
+            ),
+        ));
+    }
+    let mut text = String::with_capacity(meta.len() as usize);
+    // `take`: a file that grows while it is read still stops at the limit.
+    file.take(MAX_TEXT_BYTES).read_to_string(&mut text)?;
+    Ok(text)
+}
+
 fn not_regular() -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, NOT_REGULAR)
 }

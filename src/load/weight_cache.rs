@@ -53,7 +53,7 @@ use caption_kernels::gemm_f32::{F32Panels, PackedMatrix};
 use caption_kernels::gemm_q8::{PackedMatrixQ8, Q8Panels};
 use caption_kernels::{PackedLinear, PanelFile};
 
-use super::regular_file;
+use super::{regular_file, watched_map};
 
 const MAGIC: &[u8; 8] = b"CAPTPACK";
 /// Bumped whenever a kernel's panel layout, or this file's, changes.
@@ -76,7 +76,13 @@ pub struct WeightCache {
     /// The file being written, made when the first layer is packed without
     /// the cache (`None` inside: it could not be made).
     writing: std::sync::OnceLock<Option<Writing>>,
+    /// What the folder's packs may take together ([`Self::with_size_limit`]).
+    size_limit: u64,
 }
+
+/// The folder's default size limit: a few models at a few settings
+/// (BLIP-base f32 packs to 0.9 GB, BLIP-2 OPT-2.7b bf16 to 7 GB).
+pub const DEFAULT_SIZE_LIMIT: u64 = 20 << 30;
 
 /// A cache file in the making: a temporary file beside the cache's path
 /// that layers are packed into, renamed there once whole.
@@ -229,7 +235,18 @@ impl WeightCache {
             rejected,
             state: Mutex::default(),
             writing: std::sync::OnceLock::new(),
+            size_limit: DEFAULT_SIZE_LIMIT,
         })
+    }
+
+    /// Keeps the folder's packs under `bytes` together: after each load,
+    /// the least recently used others are deleted until they fit (the one
+    /// this load uses always stays, whatever its size). A pack another run
+    /// has mapped is unaffected by its deletion (its pages stay until that
+    /// run ends).
+    pub fn with_size_limit(mut self, bytes: u64) -> Self {
+        self.size_limit = bytes;
+        self
     }
 
     /// The layer `name` (its weight tensor's name), `[n, k]`, in a model
@@ -286,6 +303,7 @@ impl WeightCache {
             return Ok(Outcome::NothingPacked);
         }
         if !state.packed_now {
+            evict_least_recently_used(&self.path, self.size_limit);
             return Ok(Outcome::Used(self.path.clone()));
         }
         let replaced = match (&self.file, &self.rejected) {
@@ -299,6 +317,7 @@ impl WeightCache {
                 .and_then(|writing| write(&self.path, &self.identity, &state.layers, &writing)),
         }
         .with_context(|| format!("writing the pack cache {}", self.path.display()))?;
+        evict_least_recently_used(&self.path, self.size_limit);
         Ok(Outcome::Written {
             path: self.path.clone(),
             bytes,
@@ -435,9 +454,14 @@ impl CacheFile {
                 );
             }
         }
-        // SAFETY: cache files are only ever replaced by rename, never written
-        // in place, so the mapped bytes do not change under us.
-        let map = unsafe { memmap2::MmapOptions::new().map(&file) }
+        // Its last use, for eviction: the access time alone (the
+        // modification time is how runs mapping it notice a change). Where
+        // the file system refuses, it ages by its last write instead.
+        let _ =
+            file.set_times(std::fs::FileTimes::new().set_accessed(std::time::SystemTime::now()));
+        // Watched: another program that truncates or rewrites the file
+        // while we use it makes the next batch fail (see `watched_map`).
+        let map = watched_map::map(file, path)
             .with_context(|| format!("cannot map {}", path.display()))?;
         populate_huge(&map);
         let entries = header
@@ -445,10 +469,7 @@ impl CacheFile {
             .into_iter()
             .map(|entry| (entry.name.clone(), entry))
             .collect();
-        Ok(Some(Self {
-            map: Arc::new(map),
-            entries,
-        }))
+        Ok(Some(Self { map, entries }))
     }
 
     /// The file, if every layer's bytes still have the checksum they were
@@ -541,6 +562,61 @@ impl CacheFile {
     }
 }
 
+/// Opens the pack at `path` as a run does, but with its checksums taken as
+/// right, and multiplies every layer it holds (at each dtype a model asks
+/// for) by a vector of zeros: for the fuzz target. A checksum keeps out
+/// damage, not someone who can write the cache folder, so whatever such a
+/// file says must still be refused or read safely. Returns how many layers
+/// were used.
+#[doc(hidden)]
+pub fn use_unchecked_pack(path: &Path) -> Result<usize> {
+    let identity = {
+        let (mut file, meta) = regular_file::open(path)?;
+        read_header(&mut file, meta.len())?.identity
+    };
+    let Some(file) = CacheFile::open(path, &identity)? else {
+        return Ok(0);
+    };
+    let mut used = 0;
+    for entry in file.entries.values() {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            if let Some(layer) = file.packed(entry, dtype) {
+                layer.multiply_zeros()?;
+                used += 1;
+            }
+        }
+    }
+    Ok(used)
+}
+
+impl PackedLayer {
+    /// One row of zeros through the layer, touching every weight byte.
+    fn multiply_zeros(&self) -> Result<()> {
+        fn product<L: caption_kernels::PackedProduct>(layer: &PackedLinear<L>)
+        where
+            L::Value: Default,
+        {
+            if L::available() {
+                let x = vec![L::Value::default(); layer.weight.k()];
+                let mut c = vec![L::Value::default(); layer.weight.n()];
+                L::product(&layer.weight, &x, 1, layer.bias.as_deref(), &mut c);
+            }
+        }
+        match self {
+            Self::F32(layer) => product(layer),
+            Self::Bf16(layer) => product(layer),
+            Self::Q8(layer) => product(layer),
+            Self::Blocks { weight, .. } => {
+                let (_, k) = weight.shape().dims2()?;
+                let x = Tensor::zeros((1, k), DType::F32, &Device::Cpu)?;
+                let matmul = candle_core::quantized::QMatMul::from_arc(weight.clone())?;
+                candle_core::Module::forward(&matmul, &x)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Reads the whole mapping in now rather than page by page in the kernels,
 /// asking for huge pages first: pages the file's readahead brings in then
 /// come as 2 MiB folios (see [`HugePageChunks`] for those already cached).
@@ -597,6 +673,11 @@ impl Writing {
             .prefix(TEMP_PREFIX)
             .tempfile_in(dir)?
             .into_parts();
+        // Held until this process ends or closes the file: the lock, not
+        // the file's age, tells another run that the file is being written
+        // (a lock dies with its process, however that ends). Where the file
+        // system has no locks, the age rule alone decides.
+        let _ = file.try_lock();
         let listed = ListedTempFile::new(temp.to_path_buf());
         let dir = dir.to_path_buf();
         let room = move |bytes| {
@@ -747,15 +828,68 @@ fn remove_abandoned_temp_files(dir: &Path, age: std::time::Duration) {
         return;
     };
     for entry in entries.flatten() {
-        let abandoned = entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX)
-            && entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|modified| modified.elapsed().ok())
-                .is_some_and(|idle| idle >= age);
-        if abandoned {
+        if !entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+            continue;
+        }
+        let idle = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|modified| modified.elapsed().ok())
+            .unwrap_or_default();
+        if idle >= age || (idle >= LOCK_GRACE && nobody_writes(&entry.path())) {
             let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// A writer locks its temporary file right after making it; one this old
+/// and unlocked has no writer left.
+const LOCK_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether no process holds the lock of the temporary file at `path`
+/// (its writer died: a lock does not outlive its process). False where
+/// that cannot be known (no locks on this file system, not a file).
+fn nobody_writes(path: &Path) -> bool {
+    match regular_file::open(path) {
+        // Our lock goes with `file`, at once.
+        Ok((file, _)) => file.try_lock().is_ok(),
+        Err(_) => false,
+    }
+}
+
+/// Deletes the packs in `kept`'s folder other than `kept`, least recently
+/// used first, until all of them, `kept` included, take at most `limit`
+/// bytes. Best effort: a file that cannot be read or removed is left.
+fn evict_least_recently_used(kept: &Path, limit: u64) {
+    let Some(dir) = kept.parent() else {
+        return;
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let mut packs: Vec<(std::time::SystemTime, u64, PathBuf)> = entries
+        .flatten()
+        .filter(|entry| entry.path().extension().is_some_and(|e| e == "pack"))
+        .filter_map(|entry| {
+            let meta = entry.metadata().ok().filter(|m| m.is_file())?;
+            let used = meta.accessed().or_else(|_| meta.modified()).ok()?;
+            Some((used, meta.len(), entry.path()))
+        })
+        .collect();
+    // Newest first; the kept file before all.
+    packs.sort_by_key(|(used, _, path)| std::cmp::Reverse((path == kept, *used)));
+    let mut total = 0u64;
+    let mut full = false;
+    for (_, len, path) in packs {
+        if path == kept {
+            total = len;
+        } else if !full && total.saturating_add(len) <= limit {
+            total += len;
+        } else {
+            // Strictly by age: once one does not fit, no older one stays.
+            full = true;
+            let _ = std::fs::remove_file(&path);
         }
     }
 }
@@ -963,6 +1097,72 @@ mod tests {
             "a write in progress elsewhere is left alone"
         );
         assert!(cache.exists(), "cache files are not temporary files");
+    }
+
+    /// The reproduction: SIGKILLed writers left their temporary
+    /// files (2.5 GB after 8 kills) until the hour-long age rule removed
+    /// them. A writer's lock dies with it, so an unlocked temporary file a
+    /// few seconds old is removed at once; a locked one, however old its
+    /// last write, or one just made (not locked yet) stays.
+    #[test]
+    fn a_temporary_file_nobody_holds_locked_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let [dead, alive, just_made] =
+            [".pack-dead", ".pack-alive", ".pack-new"].map(|name| dir.path().join(name));
+        for path in [&dead, &alive, &just_made] {
+            std::fs::write(path, b"x").unwrap();
+        }
+        let a_minute_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(60);
+        for path in [&dead, &alive] {
+            let file = std::fs::File::options().write(true).open(path).unwrap();
+            file.set_modified(a_minute_ago).unwrap();
+        }
+        // Held as a live writer holds it (another open of the file, so the
+        // cleaner's own open cannot share the lock).
+        let writer = std::fs::File::open(&alive).unwrap();
+        writer.try_lock().unwrap();
+        remove_abandoned_temp_files(dir.path(), ABANDONED_AFTER);
+        assert!(!dead.exists(), "its writer is gone");
+        assert!(alive.exists(), "its writer holds the lock");
+        assert!(just_made.exists(), "its writer may not have locked it yet");
+        drop(writer);
+        remove_abandoned_temp_files(dir.path(), ABANDONED_AFTER);
+        assert!(!alive.exists(), "the lock went with its holder");
+    }
+
+    /// Packs were never removed. Beyond the size limit the least recently
+    /// used go first, strictly by age, and the one in use always stays.
+    #[test]
+    fn the_least_recently_used_packs_beyond_the_limit_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let hours_ago =
+            |h: u64| std::time::SystemTime::now() - std::time::Duration::from_secs(3600 * h);
+        let packs: Vec<PathBuf> = (1..=4)
+            .map(|h| {
+                let path = dir.path().join(format!("used-{h}h-ago.pack"));
+                std::fs::write(&path, [0u8; 100]).unwrap();
+                let file = std::fs::File::open(&path).unwrap();
+                file.set_times(std::fs::FileTimes::new().set_accessed(hours_ago(h)))
+                    .unwrap();
+                path
+            })
+            .collect();
+        let temp = dir.path().join(".pack-writing");
+        std::fs::write(&temp, [0u8; 1000]).unwrap();
+        // In use: the oldest. Room for it and one more.
+        evict_least_recently_used(&packs[3], 250);
+        let left: Vec<bool> = packs.iter().map(|p| p.exists()).collect();
+        assert_eq!(left, [true, false, false, true]);
+        assert!(
+            temp.exists(),
+            "temporary files are not the cache's to evict"
+        );
+        evict_least_recently_used(&packs[0], 50);
+        assert!(
+            packs[0].exists(),
+            "the pack in use stays even over the limit"
+        );
+        assert!(!packs[3].exists());
     }
 
     /// A named pipe under the cache file's name used to block the load for

@@ -45,6 +45,21 @@ pub fn var_builder(
     }
 }
 
+/// Reads every tensor the files hold (as F32, as a model would ask), and
+/// says how many could be read: the fuzz target's way through the reader,
+/// having no model to ask for tensors by name.
+#[doc(hidden)]
+pub fn read_every_tensor(weights: &WeightFiles) -> Result<usize> {
+    let files = match weights {
+        WeightFiles::Safetensors(paths) => CheckpointFiles::open_safetensors(paths)?,
+        WeightFiles::PytorchBin(path) => CheckpointFiles::open_pytorch(path)?,
+    };
+    let names = files.tensors.keys().chain(files.unreadable.keys());
+    Ok(names
+        .filter(|name| files.get_unchecked(name, DType::F32, &Device::Cpu).is_ok())
+        .count())
+}
+
 /// Checkpoint files read tensor by tensor, with plain reads, from where
 /// their headers (safetensors) or pickles (`pytorch_model.bin`) say each
 /// tensor is; every such place is checked against the file when it is

@@ -34,9 +34,30 @@ impl From<&str> for CaptionOutput {
 /// The result for one input image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
-    /// The path as the user gave it (or as found in a folder).
+    /// The path as the user gave it (or as found in a folder); where it is
+    /// not UTF-8, each invalid sequence shows as U+FFFD.
     pub path: String,
+    /// The path's bytes, only where they are not UTF-8 ([`path_bytes`]):
+    /// jsonl writes them as `path_bytes`, so a program can find the file.
+    pub path_bytes: Option<Vec<u8>>,
     pub outcome: Outcome,
+}
+
+/// `path`'s bytes, where they are not valid UTF-8 (file names on Unix may
+/// be any bytes); `None` for every UTF-8 path, and everywhere but Unix.
+pub fn path_bytes(path: &std::path::Path) -> Option<Vec<u8>> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        path.to_str()
+            .is_none()
+            .then(|| path.as_os_str().as_bytes().to_vec())
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -148,6 +169,9 @@ struct JsonlWriter<W> {
 #[derive(Serialize)]
 struct JsonRecord<'a> {
     path: &'a str,
+    /// Only for a path that is not UTF-8: its bytes, as numbers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    path_bytes: Option<&'a [u8]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     caption: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -167,6 +191,7 @@ impl<'a> From<&'a Record> for JsonRecord<'a> {
         match &record.outcome {
             Outcome::Caption(c) => Self {
                 path: &record.path,
+                path_bytes: record.path_bytes.as_deref(),
                 caption: c.question.is_none().then_some(c.text.as_str()),
                 question: c.question.as_deref(),
                 answer: c.question.is_some().then_some(c.text.as_str()),
@@ -176,6 +201,7 @@ impl<'a> From<&'a Record> for JsonRecord<'a> {
             },
             Outcome::Error(e) => Self {
                 path: &record.path,
+                path_bytes: record.path_bytes.as_deref(),
                 caption: None,
                 question: None,
                 answer: None,
@@ -363,10 +389,12 @@ mod tests {
         vec![
             Record {
                 path: "a.jpg".into(),
+                path_bytes: None,
                 outcome: Outcome::Caption("a \"dog\"\non grass".into()),
             },
             Record {
                 path: "b.jpg".into(),
+                path_bytes: None,
                 outcome: Outcome::Error("not an image".into()),
             },
         ]
@@ -409,6 +437,7 @@ mod tests {
     fn answers_carry_their_question() {
         let record = Record {
             path: "a.jpg".into(),
+            path_bytes: None,
             outcome: Outcome::Caption(CaptionOutput {
                 question: Some("what is it?".into()),
                 ..CaptionOutput::from("a cat")
@@ -433,6 +462,7 @@ mod tests {
     fn caption(path: &str, text: &str) -> Record {
         Record {
             path: path.into(),
+            path_bytes: None,
             outcome: Outcome::Caption(text.into()),
         }
     }
@@ -440,6 +470,7 @@ mod tests {
     fn answer(path: &str, question: &str, text: &str) -> Record {
         Record {
             path: path.into(),
+            path_bytes: None,
             outcome: Outcome::Caption(CaptionOutput {
                 question: Some(question.into()),
                 ..CaptionOutput::from(text)
@@ -450,6 +481,7 @@ mod tests {
     fn error(path: &str, reason: &str) -> Record {
         Record {
             path: path.into(),
+            path_bytes: None,
             outcome: Outcome::Error(reason.into()),
         }
     }
@@ -457,6 +489,7 @@ mod tests {
     fn ranked(path: &str, text: &str, rank: usize, score: f32) -> Record {
         Record {
             path: path.into(),
+            path_bytes: None,
             outcome: Outcome::Caption(CaptionOutput {
                 rank: Some(rank),
                 score: Some(score),
@@ -636,6 +669,7 @@ mod tests {
         };
         let record = Record {
             path: "a.jpg".into(),
+            path_bytes: None,
             outcome: Outcome::Caption(CaptionOutput {
                 question: Some("what?".into()),
                 rank: Some(1),

@@ -44,6 +44,7 @@ pub fn load_as(name: &str, dtype: Option<DType>) -> Captioner {
         dtype,
         quantization: None,
         pack_cache: None,
+        ..RuntimeOptions::default()
     };
     Captioner::load(&files, &runtime).unwrap()
 }
