@@ -69,9 +69,10 @@ pub fn model_file(bytes: &[u8]) {
             }
         }
         2 => {
-            let folder = Scratch::new();
-            let path = folder.write("generation_config.json", contents);
-            if let Ok(defaults) = crate::generate::GenerationDefaults::from_generation_config(&path)
+            let Ok(text) = std::str::from_utf8(contents) else {
+                return;
+            };
+            if let Ok(defaults) = crate::generate::GenerationDefaults::from_generation_config(text)
             {
                 let _ = defaults.resolve(0);
             }

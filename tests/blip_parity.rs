@@ -10,7 +10,7 @@ mod common;
 
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use caption::generate::GenerationConfig;
 use caption::resolve::hub::{self, ModelSource};
 use caption::{CaptionRequest, Captioner, RuntimeOptions};
@@ -68,7 +68,7 @@ fn float64_image_embeds_and_first_logits_match_transformers_exactly() {
     ))
     .unwrap();
     let runtime = RuntimeOptions {
-        device: Device::Cpu,
+        device: common::device(),
         dtype: Some(DType::F64),
         quantization: None,
         pack_cache: None,

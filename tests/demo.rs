@@ -100,7 +100,11 @@ fn reference() -> Reference {
 /// A demo model from its folder in the repository, as `--model models/NAME` loads it.
 fn load(name: &str) -> Captioner {
     let files = hub::fetch(&ModelSource::Folder(root().join("models").join(name))).unwrap();
-    Captioner::load(&files, &RuntimeOptions::default()).unwrap()
+    let runtime = RuntimeOptions {
+        device: common::device(),
+        ..RuntimeOptions::default()
+    };
+    Captioner::load(&files, &runtime).unwrap()
 }
 
 fn image(path: &str) -> image::RgbImage {

@@ -312,3 +312,21 @@ fn an_error_about_a_name_with_a_line_break_is_one_line() {
         .unwrap();
     assert_usage_error(&out, "gone name.png", "chat on a missing image");
 }
+
+/// `caption --version` says whether this build can run on a GPU.
+#[test]
+fn the_version_says_whether_the_build_has_cuda() {
+    let home = tempfile::tempdir().unwrap();
+    let out = common::caption_command(home.path())
+        .arg("--version")
+        .output()
+        .unwrap();
+    let version = String::from_utf8(out.stdout).unwrap();
+    assert!(out.status.success());
+    let expected = if cfg!(feature = "cuda") {
+        "(CPU and CUDA)"
+    } else {
+        "(CPU only: built without the cuda feature)"
+    };
+    assert!(version.trim_end().ends_with(expected), "{version}");
+}

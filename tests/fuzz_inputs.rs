@@ -45,3 +45,9 @@ fn replay(kind: &str) -> usize {
 fn the_fuzzers_findings_stay_fixed() {
     replay("regressions");
 }
+
+#[test]
+fn the_fuzz_corpus_runs_without_a_panic() {
+    let count = replay("corpus");
+    assert!(count > 0, "no corpus in fuzz/corpus");
+}

@@ -29,6 +29,7 @@ use common::demo_outputs::{
 
 fn half(dtype: DType) -> RuntimeOptions {
     RuntimeOptions {
+        device: common::device(),
         dtype: Some(dtype),
         ..RuntimeOptions::default()
     }

@@ -53,16 +53,20 @@ from PIL import Image
 from transformers import AutoConfig, AutoProcessor
 from transformers import Blip2ForConditionalGeneration, BlipForConditionalGeneration
 model_dir, image_path, scenario, repeats = sys.argv[1], sys.argv[3], sys.argv[4], int(sys.argv[5])
+device, dtype = sys.argv[6], getattr(torch, sys.argv[7])
 cls = Blip2ForConditionalGeneration if "Blip2" in AutoConfig.from_pretrained(model_dir).architectures[0] else BlipForConditionalGeneration
-model = cls.from_pretrained(model_dir).eval()
+model = cls.from_pretrained(model_dir, dtype=dtype).to(device).eval()
 processor = AutoProcessor.from_pretrained(model_dir)
 image = Image.open(image_path)
-batch = 8 if scenario == "batch8" else 1
+batch = int(scenario[5:]) if scenario.startswith("batch") else 1
 kwargs = dict(max_new_tokens=%d, min_new_tokens=%d, num_beams=3 if scenario == "beam3" else 1)
 def once():
-    inputs = processor(images=[image] * batch, return_tensors="pt")
+    inputs = processor(images=[image] * batch, return_tensors="pt").to(device, dtype)
     with torch.inference_mode():
-        return model.generate(**inputs, **kwargs)
+        out = model.generate(**inputs, **kwargs)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return out
 once()  # warm-up, as our side's subtraction removes its first caption
 times = []
 for _ in range(repeats):
@@ -121,19 +125,20 @@ def peak_rss(cmd):
 # Our side's variants: the default float32 run and the reduced-precision options.
 VARIANTS = {
     "f32": [],
+    "f16": ["--dtype", "f16"],
     "bf16": ["--dtype", "bf16"],
     "q8_0": ["--quantize", "q8_0"],
     "q4k": ["--quantize", "q4k"],
 }
 
 
-def ours_cmd(binary, model, threads, scenario, copies, variant="f32"):
-    cmd = [binary, "-q", "--no-exif-rotate", "-m", model, "--threads", str(threads),
+def ours_cmd(binary, model, threads, scenario, copies, variant="f32", device="cpu"):
+    cmd = [binary, "-q", "--no-exif-rotate", "-m", model, "--threads", str(threads), "--device", device,
            "--min-tokens", str(NEW_TOKENS), "--max-tokens", str(NEW_TOKENS), *VARIANTS[variant]]
     if scenario == "beam3":
         cmd += ["--beams", "3"]
-    if scenario == "batch8":
-        cmd += ["--batch-size", "8"]
+    if scenario.startswith("batch"):
+        cmd += ["--batch-size", scenario[5:]]
     return cmd + copies
 
 
@@ -148,17 +153,18 @@ def image_copies(folder: Path, n: int):
     return paths
 
 
-def ours_per_image(binary, model, threads, scenario, k, folder, variant):
-    batch = 8 if scenario == "batch8" else 1
+def ours_per_image(binary, model, threads, scenario, k, folder, variant, device):
+    batch = int(scenario[5:]) if scenario.startswith("batch") else 1
     small = image_copies(folder, batch)
     large = image_copies(folder, batch * (k + 1))
-    t_small = min(timed(ours_cmd(binary, model, threads, scenario, small, variant)) for _ in range(2))
-    t_large = timed(ours_cmd(binary, model, threads, scenario, large, variant))
+    t_small = min(timed(ours_cmd(binary, model, threads, scenario, small, variant, device)) for _ in range(2))
+    t_large = timed(ours_cmd(binary, model, threads, scenario, large, variant, device))
     return (t_large - t_small) / (batch * k)
 
 
-def theirs_per_image(python, model, threads, scenario, k):
-    proc = subprocess.run([python, "-c", WORKER, model, str(threads), str(IMAGE), scenario, str(k)],
+def theirs_per_image(python, model, threads, scenario, k, device, torch_dtype):
+    proc = subprocess.run([python, "-c", WORKER, model, str(threads), str(IMAGE), scenario, str(k),
+                           device, torch_dtype],
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"transformers worker failed:\n{proc.stderr[-3000:]}")
@@ -188,6 +194,10 @@ def main():
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--variants", nargs="+", default=["f32"], choices=sorted(VARIANTS),
                         help="our side's precision options, each timed against the same transformers run")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu or cuda[:N], for both sides (the process scenarios stay as they are)")
+    parser.add_argument("--torch-dtype", default="float32",
+                        help="transformers' weights and inputs: float32, float16 or bfloat16")
     parser.add_argument("--out", default=str(ROOT / "bench" / "out" / "compare.json"))
     args = parser.parse_args()
 
@@ -195,6 +205,7 @@ def main():
     import transformers
 
     results = dict(machine=machine(), date=time.strftime("%Y-%m-%d"), threads=args.threads,
+                   device=args.device, torch_dtype=args.torch_dtype,
                    transformers=transformers.__version__, torch=torch.__version__, new_tokens=NEW_TOKENS,
                    models={})
     with tempfile.TemporaryDirectory() as tmp:
@@ -226,10 +237,12 @@ def main():
                                 per["rss"][side].append(rss)
                         elif variant:
                             per[scenario][side].append(ours_per_image(
-                                args.binary, model, args.threads, scenario, args.repeats, folder, variant))
+                                args.binary, model, args.threads, scenario, args.repeats, folder, variant,
+                                args.device))
                         else:
-                            per[scenario][side].append(
-                                theirs_per_image(args.python, model, args.threads, scenario, args.repeats))
+                            per[scenario][side].append(theirs_per_image(
+                                args.python, model, args.threads, scenario, args.repeats, args.device,
+                                args.torch_dtype))
                         last = per[scenario][side][-1]
                         print(f"{name} round {round_ + 1} {scenario} {side}: {last:.3f}", file=sys.stderr, flush=True)
             results["models"][name] = per
@@ -243,7 +256,7 @@ def main():
     variants = [f"ours {v}" for v in args.variants]
     print("| model | scenario | transformers | " + " | ".join(f"caption {v[5:]} (ratio)" for v in variants) + " |")
     print("|---|---|---|" + "---|" * len(variants))
-    units = dict(batch1="s/caption", batch8="s/image", beam3="s/caption", process="s wall",
+    units = dict(batch1="s/caption", batch8="s/image", batch32="s/image", beam3="s/caption", process="s wall",
                  first="s wall, first run", rss="GB peak")
     for name, per in results["models"].items():
         for scenario, sides in per.items():

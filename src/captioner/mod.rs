@@ -186,7 +186,8 @@ impl Captioner {
         };
         let generation_defaults = match &files.generation_config {
             Some(path) => {
-                let defaults = GenerationDefaults::from_generation_config(path)?;
+                let defaults = GenerationDefaults::from_generation_config(&read(path)?)
+                    .with_context(|| format!("parsing {}", path.display()))?;
                 if family.applies_generation_config() {
                     defaults
                 } else {

@@ -13,9 +13,18 @@ use caption::RuntimeOptions;
 
 const DEFAULT_CHAT_MODEL: &str = "blip2-opt-2.7b";
 
+/// `caption --version`: the version and whether this build can use a GPU.
+#[cfg(feature = "cuda")]
+const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (CPU and CUDA)");
+#[cfg(not(feature = "cuda"))]
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (CPU only: built without the cuda feature)"
+);
+
 /// Caption images with BLIP, natively: the same captions as transformers, in one fast binary.
 #[derive(Debug, Parser)]
-#[command(name = "caption", version, args_conflicts_with_subcommands = true)]
+#[command(name = "caption", version = VERSION, args_conflicts_with_subcommands = true)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -379,8 +388,19 @@ pub fn runtime_options(args: &RuntimeArgs) -> Result<RuntimeOptions> {
         // are still single-threaded here, before any of them start.
         std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
     }
+    let device = caption::captioner::parse_device(&args.device)?;
+    if args.device == "auto" && cfg!(feature = "cuda") {
+        // Said once, here: a CUDA build could have run on either. (A build
+        // without CUDA had no choice to make, and says nothing.)
+        match device {
+            candle_core::Device::Cpu => {
+                eprintln!("caption: --device auto: no CUDA device found, running on the CPU")
+            }
+            _ => eprintln!("caption: --device auto: running on CUDA device 0"),
+        }
+    }
     Ok(RuntimeOptions {
-        device: caption::captioner::parse_device(&args.device)?,
+        device,
         dtype: args.dtype.dtype(),
         quantization: args.quantize.map(QuantizeArg::quantization),
         pack_cache: (!args.no_weight_cache)

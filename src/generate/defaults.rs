@@ -63,10 +63,8 @@ impl From<EarlyStopping> for EarlyStoppingValue {
 impl GenerationDefaults {
     /// The decoding settings of a `generation_config.json`; fields that are not
     /// about decoding (token ids, transformers' version) are not ours to read here.
-    pub fn from_generation_config(path: &std::path::Path) -> Result<Self> {
-        let text = crate::load::regular_file::read_text(path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    pub fn from_generation_config(json: &str) -> Result<Self> {
+        serde_json::from_str(json).context("not a valid generation_config.json")
     }
 
     /// `self`, with every unset field taken from `lower`.

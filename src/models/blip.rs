@@ -413,7 +413,7 @@ impl VisionModel {
     /// every one of them is fresh memory, page-faulted in and unmapped again.
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let batch = pixel_values.dim(0)?;
-        if batch > 1 && pixel_values.device().is_cpu() {
+        if batch > 1 && crate::nn::own_kernels(pixel_values.device()) {
             let per_image = (0..batch)
                 .map(|i| self.forward_batch(&pixel_values.narrow(0, i, 1)?))
                 .collect::<Result<Vec<_>>>()?;

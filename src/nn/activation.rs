@@ -1,7 +1,7 @@
 //! Activations, softmax and residual adds, on our element-wise kernels
 //! where they run and candle's operations elsewhere.
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 
 use super::ops::{Bf16Add, GeluErf, RowSoftmax};
 
@@ -47,7 +47,7 @@ impl Module for Activation {
 /// (12 x 577 x 577 scores) on this machine class. Other dtypes and devices
 /// go to candle.
 pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
-    if !(matches!(xs.device(), Device::Cpu) && xs.dtype() == DType::F32) {
+    if !(super::own_kernels(xs.device()) && xs.dtype() == DType::F32) {
         return candle_nn::ops::softmax_last_dim(xs);
     }
     xs.contiguous()?.apply_op1_no_bwd(&RowSoftmax)
@@ -58,7 +58,7 @@ pub fn softmax_last_dim(xs: &Tensor) -> Result<Tensor> {
 /// evaluates its scalar erf one element at a time on one thread (~13 ms for
 /// a ViT-B MLP's 577 x 3072). Other dtypes go to candle.
 pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
-    if !(matches!(xs.device(), Device::Cpu) && matches!(xs.dtype(), DType::F32 | DType::BF16)) {
+    if !(super::own_kernels(xs.device()) && matches!(xs.dtype(), DType::F32 | DType::BF16)) {
         return xs.gelu_erf();
     }
     xs.contiguous()?.apply_op1_no_bwd(&GeluErf)
@@ -71,7 +71,7 @@ pub fn gelu_erf(xs: &Tensor) -> Result<Tensor> {
 /// encoder's time once its products ran on AMX tiles. Other dtypes go to
 /// candle.
 pub fn residual_add(xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
-    let fast = matches!(xs.device(), Device::Cpu)
+    let fast = super::own_kernels(xs.device())
         && xs.dtype() == DType::BF16
         && residual.dtype() == DType::BF16
         && xs.dims() == residual.dims();
@@ -86,6 +86,7 @@ pub fn residual_add(xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::super::test_data::{max_abs_diff, random};
     use super::*;
+    use candle_core::Device;
     use half::bf16;
 
     /// bf16 sums: each the f32 sum of the two values rounded once, to

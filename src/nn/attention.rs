@@ -2,7 +2,7 @@
 //! picks the kernel (our fused and single-query kernels on the CPU,
 //! candle's general operations elsewhere), and the KV cache.
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor, D};
 use caption_kernels::decode::SingleQuery;
 use caption_kernels::{attention_amx, gemm_bf16, gemm_f32};
 
@@ -169,7 +169,10 @@ pub fn last_position(xs: &Tensor) -> Result<Tensor> {
 pub fn fused_qkv_attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
     let (b, t, width) = qkv.dims3()?;
     let head_dim = width / 3 / heads.max(1);
-    if qkv.device().is_cpu() && qkv.dtype() == DType::BF16 && attention_amx::fits(head_dim) {
+    if super::own_kernels(qkv.device())
+        && qkv.dtype() == DType::BF16
+        && attention_amx::fits(head_dim)
+    {
         // bf16 on AMX tiles, in place of widening to f32 for the kernel
         // below and rounding back (BLIP-base vision at batch 1 on a
         // 2-vCPU AMX Xeon: 0.20 s to 0.18 s).
@@ -179,7 +182,7 @@ pub fn fused_qkv_attention(qkv: &Tensor, heads: usize, scale: f64) -> Result<Ten
         };
         return qkv.contiguous()?.apply_op1_no_bwd(&op);
     }
-    let fused_kernel = qkv.device().is_cpu()
+    let fused_kernel = super::own_kernels(qkv.device())
         && match qkv.dtype() {
             DType::F32 => gemm_f32::available(),
             // bf16 projections widened to f32 for the same kernel: candle's
@@ -239,7 +242,7 @@ pub fn single_query_attention(
             "single-query attention: kv_index does not map {rows} rows into {kv_rows}"
         );
     }
-    let fast = matches!(q.device(), Device::Cpu)
+    let fast = super::own_kernels(q.device())
         && matches!(q.dtype(), DType::F32 | DType::BF16 | DType::F16)
         && q.dtype() == k.dtype()
         && k.dtype() == v.dtype()

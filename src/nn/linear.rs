@@ -414,7 +414,7 @@ pub fn small_batch_linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) ->
 /// weights faster (31 vs 17-19 GB/s here, both threads busy), and at 8 rows
 /// the two are level.
 fn small_batch_linear_fits(x: &Tensor, weight: &Tensor) -> bool {
-    x.device().is_cpu()
+    super::own_kernels(x.device())
         && matches!(x.dtype(), DType::BF16 | DType::F16)
         && x.dtype() == weight.dtype()
         && x.rank() == 2
@@ -444,7 +444,7 @@ pub(super) fn with_values<T: candle_core::WithDType, R>(
 /// Whether a dense weight is packed: float32 for [`gemm_f32`], bfloat16
 /// for [`gemm_bf16`], on a CPU that runs the kernel.
 fn packable(weight: &Tensor) -> bool {
-    weight.device().is_cpu()
+    super::own_kernels(weight.device())
         && match weight.dtype() {
             DType::F32 => gemm_f32::available(),
             DType::BF16 => gemm_bf16::available(),

@@ -37,6 +37,15 @@ pub fn packed_kernels_available() -> bool {
     caption_kernels::gemm_f32::available()
 }
 
+/// Whether operations on `device` run our own CPU kernels (packed
+/// products, fused attention, the element-wise operations). Never off the
+/// CPU; nor on it under `CAPTION_KERNELS=generic`, where every operation
+/// is candle's, as on a GPU: the parity tests run that way in CI, so the
+/// code a GPU runs is proven against transformers here.
+pub fn own_kernels(device: &candle_core::Device) -> bool {
+    device.is_cpu() && !caption_kernels::cpu::generic()
+}
+
 /// From now on, layers built in this process take candle's portable
 /// operations, as on a CPU without AVX-512.
 pub fn use_portable_kernels() {

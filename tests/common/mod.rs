@@ -31,6 +31,15 @@ pub fn reference_tensors(name: &str) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(fixtures().join("reference").join(name), &Device::Cpu).unwrap()
 }
 
+/// Where the parity tests run their models: the CPU, or what
+/// `CAPTION_TEST_DEVICE` names (`cuda`, `cuda:N`; bench/gpu.sh sets it on a
+/// GPU machine, so the same tests, with the same tolerances, check the
+/// GPU's answers).
+pub fn device() -> Device {
+    let spec = std::env::var("CAPTION_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    caption::captioner::parse_device(&spec).expect("CAPTION_TEST_DEVICE names a usable device")
+}
+
 /// A fixture model, loaded through `hub::fetch` on its folder.
 pub fn load(name: &str) -> Captioner {
     load_as(name, None)
@@ -40,7 +49,7 @@ pub fn load(name: &str) -> Captioner {
 pub fn load_as(name: &str, dtype: Option<DType>) -> Captioner {
     let files = hub::fetch(&ModelSource::Folder(fixtures().join("models").join(name))).unwrap();
     let runtime = RuntimeOptions {
-        device: Device::Cpu,
+        device: device(),
         dtype,
         quantization: None,
         pack_cache: None,

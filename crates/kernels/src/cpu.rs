@@ -6,6 +6,8 @@
 //! `CAPTION_KERNELS=portable` in the environment) turns the packed
 //! AVX-512 and AMX products off, so callers take their portable paths as
 //! on a CPU without them: the tests and CI run the parity suite that way.
+//! `CAPTION_KERNELS=generic` turns every kernel here off ([`generic`]),
+//! for the code a GPU runs.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
@@ -37,12 +39,26 @@ pub fn features() -> &'static Features {
 }
 
 /// Whether the packed products are turned off: [`use_portable_kernels`]
-/// was called, or `CAPTION_KERNELS=portable` is set.
+/// was called, or `CAPTION_KERNELS` is `portable` (or `generic`, which
+/// turns off more, see [`generic`]).
 pub fn portable() -> bool {
-    static FROM_ENVIRONMENT: OnceLock<bool> = OnceLock::new();
     FORCE_PORTABLE.load(Ordering::Relaxed)
-        || *FROM_ENVIRONMENT
-            .get_or_init(|| std::env::var("CAPTION_KERNELS").is_ok_and(|v| v == "portable"))
+        || matches!(kernels_variable(), Some("portable" | "generic"))
+}
+
+/// Whether none of these kernels is to run at all (`CAPTION_KERNELS=generic`):
+/// callers then take the operations of their tensor library, as they do
+/// off the CPU. That is how the code a GPU runs is tested on a CPU.
+pub fn generic() -> bool {
+    kernels_variable() == Some("generic")
+}
+
+/// `CAPTION_KERNELS`, read once.
+fn kernels_variable() -> Option<&'static str> {
+    static FROM_ENVIRONMENT: OnceLock<Option<String>> = OnceLock::new();
+    FROM_ENVIRONMENT
+        .get_or_init(|| std::env::var("CAPTION_KERNELS").ok())
+        .as_deref()
 }
 
 /// From now on, callers take their portable paths, as on a CPU without
