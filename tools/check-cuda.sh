@@ -8,7 +8,8 @@
 #   - candle-kernels' build script ran NVIDIA's nvcc (CUDA 13.4) on every
 #     kernel the cuda feature brings: the PTX kernels candle loads at run
 #     time and the statically compiled ones (libmoe.a: MoE, mmvq/mmq GGUF),
-#     for CUDA_COMPUTE_CAP only;
+#     for CUDA_COMPUTE_CAP only; and ptxas assembles every PTX kernel for
+#     that architecture (what the driver's JIT does at run time);
 #   - cudarc took its CUDA version (13.4) from that nvcc, and candle and our
 #     crate compiled against those bindings, with our warnings denied;
 #   - the binary linked (release profile, thin LTO) against the real CUDA
@@ -46,11 +47,12 @@
 # arch-specific sm_90a-style code) picks the one architecture nvcc compiles
 # for; the count of kernels, and so the time, is the same for any.
 #
-# Time on 2 cores: cold, about 26 minutes (wheels ~30 s; candle-kernels'
-# nvcc ~16 min, mostly the mmq GGUF kernels, which the build waits for;
-# the LTO link ~3.5 min); warm, about a second. Everything is kept in
-# $CAPTION_CUDA_CACHE (about 2.6 GB: venv 1.2, target 1.4), outside the
-# clone: a repeat run rebuilds only what changed.
+# Time on 2 cores, with other jobs running: cold, 20.5-26 minutes (the
+# wheels ~20 s; ptxas ~20 s; candle-kernels' nvcc ~16 min, mostly the mmq GGUF kernels,
+# which the rest of the build waits for; the LTO link ~3.5 min). With the
+# cache warm: a second in the same clone, 2.5 minutes in a fresh one (our
+# two crates and the link). Everything is kept in $CAPTION_CUDA_CACHE
+# (2.6 GB: venv 1.2, target 1.4), outside the clone.
 set -euo pipefail
 
 # Keep these in step: cudarc 0.19 knows CUDA up to 13.4 (`nvcc --version`
@@ -139,6 +141,26 @@ note "${cmd[*]}"
 "${cmd[@]}" || die "cargo build --features cuda failed (errors above)"
 bin="$CARGO_TARGET_DIR/release/caption"
 
+# --- the PTX kernels ---------------------------------------------------------
+# candle loads these as PTX and the driver compiles them at run time, so the
+# build never assembled them: ptxas does it here, for the architecture in
+# their .target line (~20 s; skipped while none has changed since).
+out="$(ls -dt "$CARGO_TARGET_DIR"/release/build/candle-kernels-*/out | head -n 1)"
+ptx=("$out"/*.ptx)
+[[ -f ${ptx[0]} ]] || die "no PTX kernels in $out"
+ptx_arch() { sed -n 's/^\.target[[:space:]]*\(sm_[0-9a-z]*\).*/\1/p' "$1" | head -n 1; }
+ok="$out/ptxas-ok"
+if [[ ! -f $ok || -n "$(find "${ptx[@]}" -newer "$ok")" ]]; then
+    rm -f "$ok"
+    for f in "${ptx[@]}"; do
+        arch="$(ptx_arch "$f")"
+        [[ -n $arch ]] || die "no .target in $f"
+        ptxas -arch="$arch" -o /dev/null "$f" || die "ptxas -arch=$arch rejects $f"
+    done
+    touch "$ok"
+fi
+note "${#ptx[@]} PTX kernels assemble for $(ptx_arch "${ptx[0]}")"
+
 # --- the binary --------------------------------------------------------------
 # The libraries it records are loaded by soname (the linker drops those
 # nothing calls: --as-needed); no rpath into this cache.
@@ -152,7 +174,10 @@ note "$bin needs: $needed"
 smoke="$cache/smoke"
 rm -rf "$smoke" && mkdir -p "$smoke/lib"
 ln -s "$tk/lib/stubs/libcuda.so" "$smoke/lib/libcuda.so.1"
-run() { LD_LIBRARY_PATH="$tk/lib:$smoke/lib" LD_BIND_NOW=1 XDG_CACHE_HOME="$smoke/cache" "$bin" "$@"; }
+run() {
+    LD_LIBRARY_PATH="$tk/lib:$smoke/lib" LD_BIND_NOW=1 XDG_CACHE_HOME="$smoke/cache" \
+        "$bin" --no-weight-cache "$@"
+}
 run --version >/dev/null || die "the cuda build does not start"
 out="$(run --model demo --device auto examples/shapes_1.png)" || die "--device auto failed"
 [[ -n $out ]] || die "--device auto printed no caption"
