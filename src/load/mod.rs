@@ -4,6 +4,7 @@
 //! packed layers ([`weight_cache`]); [`regular_file`] opens files without
 //! waiting on a named pipe or device put where a file should be.
 
+mod pack_folder;
 mod pickle;
 mod pytorch;
 pub mod regular_file;
