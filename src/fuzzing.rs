@@ -66,6 +66,7 @@ pub fn model_file(bytes: &[u8]) {
         1 => {
             if let Ok(text) = std::str::from_utf8(contents) {
                 let _ = PreprocessConfig::from_json_str(text);
+                let _ = PreprocessConfig::clip_from_json_str(text);
             }
         }
         2 => {
@@ -85,7 +86,7 @@ pub fn model_file(bytes: &[u8]) {
 /// it with no weights at all, so every size derived from the config before
 /// the first weight is asked for is computed.
 fn model_config(contents: &[u8]) {
-    use crate::models::{blip, blip2};
+    use crate::models::{blip, blip2, clip};
     let Ok(text) = std::str::from_utf8(contents) else {
         return;
     };
@@ -97,6 +98,27 @@ fn model_config(contents: &[u8]) {
     if let Ok(config) = blip2::Blip2Config::from_json(text) {
         let _ = blip2::Blip2ForConditionalGeneration::new(config, no_weights());
     }
+    if let Ok(config) = clip::ClipConfig::from_json(text) {
+        let _ = clip::ClipModel::new(&config, no_weights());
+    }
+}
+
+/// A search index in the cache (`caption search`): opened as a search
+/// opens it, for embeddings of the length the first byte says, and every
+/// entry looked up.
+pub fn search_index(bytes: &[u8]) {
+    use crate::batch::index::EmbeddingIndex;
+    let Some((&dim, contents)) = bytes.split_first() else {
+        return;
+    };
+    let folder = Scratch::new();
+    let dim = usize::from(dim);
+    // Where the index of this identity lives: open once to learn the name.
+    let (empty, _) = EmbeddingIndex::open(folder.path(), "fuzz", dim);
+    let name = empty.path().file_name().expect("a file name").to_owned();
+    folder.write(&name.to_string_lossy(), contents);
+    let (index, _) = EmbeddingIndex::open(folder.path(), "fuzz", dim);
+    assert!(index.len() <= contents.len());
 }
 
 /// tokenizer.json: loaded as a run loads it, then asked to encode a

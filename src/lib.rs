@@ -38,6 +38,7 @@ pub mod output;
 pub mod resolve;
 
 pub use captioner::blip2::{Conversation, Reply, Turn};
+pub use captioner::embed::{Embedder, LabelScore, TextSet};
 pub use captioner::{Answer, Caption, CaptionRequest, Captioner, Options, RuntimeOptions};
 
 pub use resolve::resolve_model;

@@ -10,12 +10,13 @@ use std::path::Path;
 /// A fuzz target's name and its entry point.
 type Target = (&'static str, fn(&[u8]));
 
-const TARGETS: [Target; 5] = [
+const TARGETS: [Target; 6] = [
     ("image", caption::fuzzing::image),
     ("checkpoint", caption::fuzzing::checkpoint),
     ("model_file", caption::fuzzing::model_file),
     ("models_toml", caption::fuzzing::models_toml),
     ("pack", caption::fuzzing::pack),
+    ("search_index", caption::fuzzing::search_index),
 ];
 
 fn replay(kind: &str) -> usize {

@@ -3,15 +3,20 @@
     python tools/make_full_size_models.py [--out bench/models] [--only NAME ...]
 
 Each model has a real checkpoint's config (BLIP-base, BLIP-large, BLIP-2
-OPT-2.7b), so its compute and memory are exactly the real model's, with random
-weights. Tensors are written shard by shard straight from numpy, so building
+OPT-2.7b, CLIP ViT-B/32, CLIP ViT-L/14), so its compute and memory are exactly
+the real model's, with random weights. Tensors are written shard by shard straight from numpy, so building
 the 3.7B-parameter BLIP-2 needs about one shard of RAM, not the model's 15 GB:
 the tensor names and shapes come from transformers building the model on the
 meta device (no memory), the values from a seeded normal(0, 0.02) (LayerNorm
-weights 1, biases 0.02-scaled noise), as float32 like the published
-checkpoints. The tokenizer and processor files are the tiny fixtures' (the
-vocabulary is small, the ids the model can produce are not: the text is
-meaningless anyway).
+weights 1, biases 0.02-scaled noise, CLIP's logit_scale its initial
+log(1/0.07)), as float32 like the published checkpoints. The tokenizer and
+processor files are the tiny fixtures' (the vocabulary is small, the ids the
+model can produce are not: the text is meaningless anyway). The CLIP models
+take only the tokenizer from tests/fixtures/models/clip-tiny (its ids are all
+below 794, the real vocabulary has 49408; model_max_length set to the 77
+positions) and get the image processor openai's repositories have, a legacy
+preprocessor_config.json: shortest edge 224, centre crop 224, bicubic, CLIP's
+mean and std.
 """
 
 import argparse
@@ -23,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.numpy import save_file
-from transformers import Blip2Config, Blip2ForConditionalGeneration, BlipConfig, BlipForConditionalGeneration
+from transformers import (Blip2Config, Blip2ForConditionalGeneration, BlipConfig, BlipForConditionalGeneration,
+                          CLIPConfig, CLIPModel)
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "models"
@@ -68,10 +74,51 @@ def blip2_opt_2_7b():
                        image_token_index=50265, architectures=["Blip2ForConditionalGeneration"])
 
 
+# openai's text tower settings, shared by both CLIP configs (only the width differs).
+CLIP_TEXT = dict(vocab_size=49408, max_position_embeddings=77, num_hidden_layers=12, hidden_act="quick_gelu",
+                 layer_norm_eps=1e-5, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+
+
+def clip(vision, text, projection_dim):
+    vision = dict(vision, image_size=224, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                  projection_dim=projection_dim)
+    text = dict(CLIP_TEXT, **text, projection_dim=projection_dim)
+    return CLIPConfig(vision_config=vision, text_config=text, projection_dim=projection_dim,
+                      logit_scale_init_value=2.6592, architectures=["CLIPModel"])
+
+
+def clip_vit_base_patch32():
+    return clip(dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                     patch_size=32),
+                dict(hidden_size=512, intermediate_size=2048, num_attention_heads=8), 512)
+
+
+def clip_vit_large_patch14():
+    return clip(dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                     patch_size=14),
+                dict(hidden_size=768, intermediate_size=3072, num_attention_heads=12), 768)
+
+
+# openai/clip-vit-*'s preprocessor_config.json, in its legacy form ("size": 224
+# is the shortest edge for CLIP).
+CLIP_PREPROCESSOR = {
+    "crop_size": 224,
+    "do_center_crop": True,
+    "do_normalize": True,
+    "do_resize": True,
+    "feature_extractor_type": "CLIPFeatureExtractor",
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "resample": 3,
+    "size": 224,
+}
+
 MODELS = {
     "blip-base": (blip_base, BlipForConditionalGeneration, "blip-tiny"),
     "blip-large": (blip_large, BlipForConditionalGeneration, "blip-tiny"),
     "blip2-opt-2.7b": (blip2_opt_2_7b, Blip2ForConditionalGeneration, "blip2-opt-tiny"),
+    "clip-vit-base-patch32": (clip_vit_base_patch32, CLIPModel, "clip-tiny"),
+    "clip-vit-large-patch14": (clip_vit_large_patch14, CLIPModel, "clip-tiny"),
 }
 
 
@@ -101,10 +148,14 @@ def tensor_specs(config, cls):
 
 
 def values(rng, name, shape):
-    """normal(0, 0.02), except norm weights (1), as transformers initialises them."""
+    """normal(0, 0.02), except norm weights (1) and CLIP's logit_scale, as
+    transformers initialises them."""
     if len(shape) == 1 and name.endswith(".weight") and "norm" in name.lower():
         return np.ones(shape, dtype=np.float32)
-    return rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02)
+    if name == "logit_scale":
+        return np.full(shape, 2.6592, dtype=np.float32)
+    # asarray: a 0-d draw comes back as a numpy scalar, which safetensors refuses.
+    return np.asarray(rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02))
 
 
 def write(name, out_root):
@@ -146,9 +197,19 @@ def write(name, out_root):
         renamed[f"part-{i:05d}.safetensors"] = new
     index = {"metadata": {"total_size": total * 4}, "weight_map": {k: renamed[v] for k, v in weight_map.items()}}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    is_clip = isinstance(config, CLIPConfig)
+    # CLIP takes only the fixture's tokenizer: its processor is the tiny model's size.
+    wanted = ("tokenizer", "special_tokens", "vocab", "merges") if is_clip else (
+        "tokenizer", "processor", "preprocessor", "special_tokens", "vocab")
     for f in (FIXTURES / fixture).iterdir():
-        if f.name.startswith(("tokenizer", "processor", "preprocessor", "special_tokens", "vocab")):
+        if f.name.startswith(wanted):
             shutil.copy(f, out / f.name)
+    if is_clip:
+        (out / "preprocessor_config.json").write_text(json.dumps(CLIP_PREPROCESSOR, indent=2) + "\n")
+        tokenizer_config = out / "tokenizer_config.json"
+        cfg = json.loads(tokenizer_config.read_text())
+        cfg["model_max_length"] = config.text_config.max_position_embeddings
+        tokenizer_config.write_text(json.dumps(cfg, indent=2) + "\n")
     if hasattr(config, "image_token_index"):
         # The processor writes the tokenizer's own <image> id; the config must agree.
         added = json.loads((out / "tokenizer.json").read_text())["added_tokens"]

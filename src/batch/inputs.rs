@@ -32,6 +32,33 @@ pub struct Input {
     pub shown: String,
     /// The path to open.
     pub path: PathBuf,
+    /// The file's size and modification time when it was found (`None` for
+    /// a URL): what the search index keys on, without a second `stat`.
+    pub stamp: Option<FileStamp>,
+}
+
+/// A file's size and modification time (seconds and nanoseconds since the
+/// Unix epoch, negative before it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    pub size: u64,
+    pub modified: (i64, u32),
+}
+
+impl FileStamp {
+    pub fn of(meta: &fs::Metadata) -> Option<Self> {
+        let modified = match meta.modified().ok()?.duration_since(std::time::UNIX_EPOCH) {
+            Ok(after) => (after.as_secs() as i64, after.subsec_nanos()),
+            Err(before) => {
+                let d = before.duration();
+                (-(d.as_secs() as i64), d.subsec_nanos())
+            }
+        };
+        Some(Self {
+            size: meta.len(),
+            modified,
+        })
+    }
 }
 
 /// An argument (or an entry found while walking a folder) that cannot be used.
@@ -122,12 +149,20 @@ impl Collected {
     fn argument(&mut self, shown: String, path: PathBuf, opts: &CollectOptions) {
         if is_url(&shown) {
             // Fetched when its batch is loaded (see `crate::batch::fetch`).
-            self.inputs.push(Input { shown, path });
+            self.inputs.push(Input {
+                shown,
+                path,
+                stamp: None,
+            });
             return;
         }
         match fs::metadata(&path) {
             Ok(meta) if meta.is_dir() => self.folder(path, opts),
-            Ok(meta) if meta.is_file() => self.inputs.push(Input { shown, path }),
+            Ok(meta) if meta.is_file() => self.inputs.push(Input {
+                shown,
+                path,
+                stamp: FileStamp::of(&meta),
+            }),
             Ok(_) => self.problem(&path, regular_file::NOT_REGULAR),
             Err(err) => {
                 let reason = if is_broken_link(&path, &err) {
@@ -230,7 +265,11 @@ impl Collected {
     fn image_entry(&mut self, shown_path: PathBuf, path: PathBuf, meta: &fs::Metadata) {
         let shown = shown_path.display().to_string();
         if meta.is_file() {
-            self.inputs.push(Input { shown, path });
+            self.inputs.push(Input {
+                shown,
+                path,
+                stamp: FileStamp::of(meta),
+            });
         } else {
             self.problem(&shown_path, regular_file::NOT_REGULAR);
         }
@@ -678,7 +717,8 @@ mod tests {
             inputs,
             [Input {
                 shown: arg(&notes),
-                path: notes
+                stamp: FileStamp::of(&fs::metadata(&notes).unwrap()),
+                path: notes,
             }]
         );
     }

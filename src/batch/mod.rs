@@ -2,6 +2,7 @@
 //! [`fetch`]), split into shards.
 
 pub mod fetch;
+pub mod index;
 pub mod inputs;
 mod run;
 

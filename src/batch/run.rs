@@ -9,28 +9,163 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use anyhow::{Context, Result};
 
 use super::inputs::{self, Input};
+use crate::captioner::embed::{Embedder, ScoredCaption, TextSet};
 use crate::captioner::{Answer, Caption, CaptionRequest, Captioner};
 use crate::generate::GenerationConfig;
 use crate::image::{ImageError, LoadOptions, PreprocessConfig};
 use crate::output::sidecar::{Existing, SidecarOptions};
 use crate::output::{CaptionOutput, Outcome, Record};
 
-/// What to do with each image.
-#[derive(Debug, Clone)]
-pub enum Work {
+/// What to do with each image, and the models that do it.
+pub enum Work<'a> {
     /// Caption it.
-    Caption(CaptionRequest),
+    Caption {
+        captioner: &'a Captioner,
+        request: CaptionRequest,
+    },
     /// Answer each question about it (the image is encoded once).
     Ask {
+        captioner: &'a Captioner,
         questions: Vec<String>,
         generation: GenerationConfig,
     },
+    /// Score it against labels encoded once for the run (zero-shot
+    /// classification); keep the best `top`, or all.
+    Labels {
+        embedder: &'a Embedder,
+        labels: &'a TextSet,
+        top: Option<usize>,
+    },
+    /// Its L2-normalised embedding.
+    Embed { embedder: &'a Embedder },
+    /// Caption it with several candidates (`request` asks for them) and
+    /// keep the `keep` that `embedder` finds closest to the image, best first.
+    Rerank {
+        captioner: &'a Captioner,
+        request: CaptionRequest,
+        embedder: &'a Embedder,
+        keep: usize,
+    },
+}
+
+impl Work<'_> {
+    /// How each model wants its images, in the order [`Self::run`] takes them.
+    fn preprocess_configs(&self) -> Vec<PreprocessConfig> {
+        match self {
+            Self::Caption { captioner, .. } | Self::Ask { captioner, .. } => {
+                vec![captioner.preprocess_config().clone()]
+            }
+            Self::Labels { embedder, .. } | Self::Embed { embedder } => {
+                vec![embedder.preprocess_config().clone()]
+            }
+            Self::Rerank {
+                captioner,
+                embedder,
+                ..
+            } => vec![
+                captioner.preprocess_config().clone(),
+                embedder.preprocess_config().clone(),
+            ],
+        }
+    }
+
+    /// Each image's outputs, in order. `images[m]` are the images prepared
+    /// for model m of [`Self::preprocess_configs`].
+    fn run(&self, images: &[Vec<image::RgbImage>], streams: &[u64]) -> Result<Vec<Vec<Output>>> {
+        Ok(match self {
+            Self::Ask {
+                captioner,
+                questions,
+                generation,
+            } => answer_outputs(
+                captioner.answer_with_streams(&images[0], questions, streams, generation)?,
+            ),
+            Self::Caption { captioner, request } => {
+                caption_outputs(captioner.caption_with_streams(&images[0], streams, request)?)
+            }
+            Self::Labels {
+                embedder,
+                labels,
+                top,
+            } => {
+                if images[0].is_empty() {
+                    return Ok(vec![]);
+                }
+                let embeds = embedder.embed_images(&images[0])?;
+                embedder
+                    .score_labels(&embeds, labels)?
+                    .into_iter()
+                    .map(|mut scores| {
+                        scores.truncate(top.unwrap_or(usize::MAX));
+                        vec![Output::Labels(scores)]
+                    })
+                    .collect()
+            }
+            Self::Embed { embedder } => {
+                if images[0].is_empty() {
+                    return Ok(vec![]);
+                }
+                embedder
+                    .embed_images(&images[0])?
+                    .to_vec2::<f32>()?
+                    .into_iter()
+                    .map(|embedding| vec![Output::Embedding(embedding)])
+                    .collect()
+            }
+            Self::Rerank {
+                captioner,
+                request,
+                embedder,
+                keep,
+            } => {
+                let candidates = captioner.caption_with_streams(&images[0], streams, request)?;
+                if candidates.is_empty() {
+                    return Ok(vec![]);
+                }
+                let image_embeds = embedder.embed_images(&images[1])?;
+                let reranked = embedder.rank_captions(&image_embeds, candidates)?;
+                reranked
+                    .into_iter()
+                    .map(|ranked| ranked_by_clip(ranked, *keep))
+                    .collect()
+            }
+        })
+    }
+
+    /// See [`Captioner::check_weights`].
+    fn check_weights(&self) -> Result<()> {
+        // One process-wide check covers every model of the run.
+        crate::load::watched_map::check()
+    }
+}
+
+/// What one image gave, before it becomes a [`Record`].
+enum Output {
+    Text(CaptionOutput),
+    Labels(Vec<crate::captioner::embed::LabelScore>),
+    Embedding(Vec<f32>),
+}
+
+impl Output {
+    fn text(&self) -> Option<&str> {
+        match self {
+            Self::Text(output) => Some(&output.text),
+            Self::Labels(_) | Self::Embedding(_) => None,
+        }
+    }
+
+    fn into_outcome(self) -> Outcome {
+        match self {
+            Self::Text(output) => Outcome::Caption(output),
+            Self::Labels(labels) => Outcome::Labels(labels),
+            Self::Embedding(embedding) => Outcome::Embedding(embedding),
+        }
+    }
 }
 
 /// A run over many images.
 pub struct Batches<'a> {
-    pub captioner: &'a Captioner,
-    pub work: Work,
+    pub work: Work<'a>,
     /// Images decoded and run together.
     pub batch_size: usize,
     pub load_options: LoadOptions,
@@ -83,7 +218,7 @@ impl Batches<'_> {
             inputs.to_vec(),
             batch_size,
             self.load_options,
-            self.captioner.preprocess_config().clone(),
+            self.work.preprocess_configs(),
         )?;
         let mut chunks = inputs.chunks(batch_size);
         loop {
@@ -126,18 +261,21 @@ impl Batches<'_> {
     /// One batch of decoded inputs; returns how many failed.
     fn run_batch(
         &self,
-        decoded: Vec<(&Input, Result<image::RgbImage, ImageError>)>,
+        decoded: Vec<(&Input, Result<Vec<image::RgbImage>, ImageError>)>,
         progress: &dyn Progress,
         record: &mut impl FnMut(Record) -> Result<()>,
     ) -> Result<usize> {
         let mut failed = 0;
-        let mut loaded = Vec::with_capacity(decoded.len());
+        let mut loaded: Vec<Vec<image::RgbImage>> = vec![];
         let mut streams = Vec::with_capacity(decoded.len());
         let mut inputs = Vec::with_capacity(decoded.len());
         for (input, image) in decoded {
             match image {
-                Ok(image) => {
-                    loaded.push(image);
+                Ok(prepared) => {
+                    loaded.resize_with(prepared.len(), Vec::new);
+                    for (per_model, image) in loaded.iter_mut().zip(prepared) {
+                        per_model.push(image);
+                    }
                     // Each image's random stream is named by its path, so a
                     // sampled caption is the same whatever else is in the run
                     // (batch size, shards, skipped images).
@@ -151,24 +289,14 @@ impl Batches<'_> {
                 }
             }
         }
-        let mut results = match &self.work {
-            Work::Ask {
-                questions,
-                generation,
-            } => answer_outputs(
-                self.captioner
-                    .answer_with_streams(&loaded, questions, &streams, generation)?,
-            ),
-            Work::Caption(request) => caption_outputs(
-                self.captioner
-                    .caption_with_streams(&loaded, &streams, request)?,
-            ),
+        if loaded.is_empty() {
+            loaded = vec![vec![]; self.work.preprocess_configs().len()];
         }
-        .into_iter();
+        let mut results = self.work.run(&loaded, &streams)?.into_iter();
         // Weights changed under the model (a cache file truncated or
         // rewritten by another program) make this batch's results
         // untrustworthy: none of them is given out.
-        self.captioner.check_weights()?;
+        self.work.check_weights()?;
         for (input, error) in inputs {
             let path = input.shown.clone();
             let path_bytes = crate::output::path_bytes(&input.path);
@@ -197,7 +325,7 @@ impl Batches<'_> {
                         record(Record {
                             path: path.clone(),
                             path_bytes: path_bytes.clone(),
-                            outcome: Outcome::Caption(output),
+                            outcome: output.into_outcome(),
                         })?;
                     }
                 }
@@ -208,21 +336,25 @@ impl Batches<'_> {
     }
 
     /// The image's first caption into its sidecar, when asked for.
-    fn write_sidecar(&self, input: &Input, outputs: &[CaptionOutput]) -> Result<()> {
+    fn write_sidecar(&self, input: &Input, outputs: &[Output]) -> Result<()> {
         let Some(sidecar) = &self.sidecar else {
             return Ok(());
+        };
+        let Some(text) = outputs.first().and_then(Output::text) else {
+            anyhow::bail!("there is no caption to write into a sidecar");
         };
         anyhow::ensure!(
             !inputs::is_url(&input.shown),
             "a downloaded image has no folder for a sidecar"
         );
-        sidecar.write(&input.path, &outputs[0].text)?;
+        sidecar.write(&input.path, text)?;
         Ok(())
     }
 }
 
-/// One batch's images, as the decoder hands them over.
-type DecodedBatch = Vec<Result<image::RgbImage, ImageError>>;
+/// One batch's images, as the decoder hands them over: each image prepared
+/// for each model of the run.
+type DecodedBatch = Vec<Result<Vec<image::RgbImage>, ImageError>>;
 
 enum Next {
     Batch(DecodedBatch),
@@ -244,7 +376,7 @@ fn decode_ahead(
     inputs: Vec<Input>,
     batch_size: usize,
     options: LoadOptions,
-    preprocess: PreprocessConfig,
+    preprocess: Vec<PreprocessConfig>,
 ) -> Result<Receiver<DecodedBatch>> {
     let (ready, decoded) = std::sync::mpsc::sync_channel(1);
     std::thread::Builder::new()
@@ -254,8 +386,7 @@ fn decode_ahead(
                 let images = chunk
                     .iter()
                     .map(|input| {
-                        load_input(input, &options)
-                            .map(|image| crate::image::resized_for_model(image, &preprocess))
+                        load_input(input, &options).map(|image| prepared_for(image, &preprocess))
                     })
                     .collect();
                 if ready.send(images).is_err() {
@@ -265,6 +396,20 @@ fn decode_ahead(
         })
         .context("starting the image decoder")?;
     Ok(decoded)
+}
+
+/// `image` prepared for each model: resized for the last in place, for the
+/// others from a copy.
+fn prepared_for(image: image::RgbImage, configs: &[PreprocessConfig]) -> Vec<image::RgbImage> {
+    let Some((last, others)) = configs.split_last() else {
+        return vec![];
+    };
+    let mut prepared: Vec<_> = others
+        .iter()
+        .map(|config| crate::image::resized_for_model(image.clone(), config))
+        .collect();
+    prepared.push(crate::image::resized_for_model(image, last));
+    prepared
 }
 
 /// The pixels of one input: a file, or an address to download.
@@ -300,7 +445,7 @@ pub fn skip_captioned(inputs: Vec<Input>, sidecar: Option<&SidecarOptions>) -> (
 }
 
 /// Each image's captions as output records, ranked when there are several.
-fn caption_outputs(per_image: Vec<Vec<Caption>>) -> Vec<Vec<CaptionOutput>> {
+fn caption_outputs(per_image: Vec<Vec<Caption>>) -> Vec<Vec<Output>> {
     per_image
         .into_iter()
         .map(|captions| ranked(captions, None))
@@ -308,7 +453,7 @@ fn caption_outputs(per_image: Vec<Vec<Caption>>) -> Vec<Vec<CaptionOutput>> {
 }
 
 /// Each image's answers, question by question, as output records.
-fn answer_outputs(per_image: Vec<Vec<Answer>>) -> Vec<Vec<CaptionOutput>> {
+fn answer_outputs(per_image: Vec<Vec<Answer>>) -> Vec<Vec<Output>> {
     per_image
         .into_iter()
         .map(|answers| {
@@ -320,16 +465,39 @@ fn answer_outputs(per_image: Vec<Vec<Answer>>) -> Vec<Vec<CaptionOutput>> {
         .collect()
 }
 
-fn ranked(captions: Vec<Caption>, question: Option<String>) -> Vec<CaptionOutput> {
+fn ranked(captions: Vec<Caption>, question: Option<String>) -> Vec<Output> {
     let several = captions.len() > 1;
     captions
         .into_iter()
         .enumerate()
-        .map(|(rank, caption)| CaptionOutput {
-            text: caption.text,
-            question: question.clone(),
-            rank: several.then_some(rank + 1),
-            score: caption.score,
+        .map(|(rank, caption)| {
+            Output::Text(CaptionOutput {
+                text: caption.text,
+                question: question.clone(),
+                rank: several.then_some(rank + 1),
+                score: caption.score,
+                clip_score: None,
+            })
+        })
+        .collect()
+}
+
+/// One image's reranked candidates as outputs: the best `keep`, ranked
+/// when more than one is kept.
+fn ranked_by_clip(candidates: Vec<ScoredCaption>, keep: usize) -> Vec<Output> {
+    let several = keep > 1;
+    candidates
+        .into_iter()
+        .take(keep)
+        .enumerate()
+        .map(|(rank, scored)| {
+            Output::Text(CaptionOutput {
+                text: scored.caption.text,
+                question: None,
+                rank: several.then_some(rank + 1),
+                score: scored.caption.score,
+                clip_score: Some(scored.clip_score),
+            })
         })
         .collect()
 }

@@ -2,6 +2,7 @@
 //! the library's main entry point.
 
 pub mod blip2;
+pub mod embed;
 mod open;
 
 pub use open::{parse_device, Options};
@@ -127,21 +128,19 @@ impl Captioner {
         let config_text = read(&files.config)?;
         let config_json: serde_json::Value = serde_json::from_str(&config_text)
             .with_context(|| format!("parsing {}", files.config.display()))?;
-        let architectures: Vec<String> = config_json
-            .get("architectures")
-            .and_then(|a| serde_json::from_value(a.clone()).ok())
-            .unwrap_or_default();
-        let family = match Family::from_architectures(&architectures) {
+        let family = match family_of(&config_json) {
+            Some(Family::Clip) => anyhow::bail!(
+                "{} is a CLIP model: it labels, embeds and searches images (--labels, \
+                 `caption embed`, `caption search`, --rerank) but writes no text",
+                files.source
+            ),
             Some(family) => family,
             None => anyhow::bail!(
-                "{} is a {} model; this version runs BlipForConditionalGeneration (captioning), \
-                 BlipForQuestionAnswering (VQA) and Blip2ForConditionalGeneration (BLIP-2 OPT) models",
+                "{} is a {}; this version runs BlipForConditionalGeneration (captioning), \
+                 BlipForQuestionAnswering (VQA), Blip2ForConditionalGeneration (BLIP-2 OPT) \
+                 and CLIPModel (labels, embeddings, search) models",
                 files.source,
-                if architectures.is_empty() {
-                    "model of unknown architecture".to_string()
-                } else {
-                    architectures.join(", ")
-                }
+                architectures_of(&config_json)
             ),
         };
         let mut parsed = match family {
@@ -153,6 +152,7 @@ impl Captioner {
                 Blip2Config::from_json(&config_text)
                     .with_context(|| format!("reading {}", files.config.display()))?,
             ),
+            Family::Clip => unreachable!("refused above"),
         };
         if runtime.quantization.is_some() {
             anyhow::ensure!(
@@ -161,24 +161,14 @@ impl Captioner {
                 runtime.device
             );
         }
-        let dtype = runtime.dtype.unwrap_or_else(|| match runtime.device {
-            Device::Cpu => DType::F32,
-            _ => weights::checkpoint_dtype(&config_json).unwrap_or(DType::F32),
-        });
+        let dtype = model_dtype(runtime, &config_json);
         let pack_cache = open_pack_cache(files, runtime, dtype, &config_text)?;
         parsed.set_linear_options(LinearOptions {
             quantization: runtime.quantization,
             weight_cache: pack_cache.clone(),
         });
         let preprocess = load_preprocess_config(&files.image_processor)?;
-        let image_size = parsed.image_size();
-        anyhow::ensure!(
-            preprocess.height as usize == image_size && preprocess.width as usize == image_size,
-            "{} resizes to {}x{} but the vision model expects {image_size}x{image_size}",
-            files.image_processor.display(),
-            preprocess.width,
-            preprocess.height,
-        );
+        check_image_size(&preprocess, parsed.image_size(), &files.image_processor)?;
         let codec = TextCodec::load(&files.tokenizer, files.tokenizer_config.as_deref())?;
         let mut notes = match &parsed {
             ParsedConfig::Blip(config) => config.filled_gaps.clone(),
@@ -223,17 +213,7 @@ impl Captioner {
                 }
             }
         };
-        let weight_cache = match pack_cache.as_deref().map(WeightCache::finish) {
-            Some(Ok(outcome)) => {
-                notes.extend(pack_cache_note(&outcome));
-                Some(outcome)
-            }
-            Some(Err(err)) => {
-                notes.push(format!("could not save the weight cache: {err:#}"));
-                None
-            }
-            None => None,
-        };
+        let weight_cache = finish_pack_cache(pack_cache.as_deref(), &mut notes);
         Ok(Self {
             model,
             codec,
@@ -285,18 +265,7 @@ impl Captioner {
 
     /// `[batch, 3, H, W]` pixel values of decoded RGB images.
     pub fn pixel_values(&self, images: &[image::RgbImage]) -> Result<Tensor> {
-        let (h, w) = (
-            self.preprocess.height as usize,
-            self.preprocess.width as usize,
-        );
-        let mut values = Vec::with_capacity(images.len() * 3 * h * w);
-        for image in images {
-            values.extend(crate::image::pixel_values(image, &self.preprocess));
-        }
-        Ok(
-            Tensor::from_vec(values, (images.len(), 3, h, w), &self.device)?
-                .to_dtype(self.dtype)?,
-        )
+        pixel_values(images, &self.preprocess, &self.device, self.dtype)
     }
 
     /// `image_embeds [batch, tokens, hidden]` of `pixel_values`.
@@ -633,6 +602,37 @@ fn question_streams(streams: &[u64], j: usize) -> Vec<u64> {
         .collect()
 }
 
+/// The family config.json's `architectures` name, if this version runs it.
+fn family_of(config_json: &serde_json::Value) -> Option<Family> {
+    let architectures: Vec<String> = config_json
+        .get("architectures")
+        .and_then(|a| serde_json::from_value(a.clone()).ok())
+        .unwrap_or_default();
+    Family::from_architectures(&architectures)
+}
+
+/// config.json's `architectures`, for a message.
+fn architectures_of(config_json: &serde_json::Value) -> String {
+    let architectures: Vec<String> = config_json
+        .get("architectures")
+        .and_then(|a| serde_json::from_value(a.clone()).ok())
+        .unwrap_or_default();
+    if architectures.is_empty() {
+        "model of unknown architecture".to_string()
+    } else {
+        format!("{} model", architectures.join(", "))
+    }
+}
+
+/// The dtype to run in: `--dtype`, else f32 on the CPU (candle's fast path
+/// there) and the checkpoint's own dtype on a GPU.
+fn model_dtype(runtime: &RuntimeOptions, config_json: &serde_json::Value) -> DType {
+    runtime.dtype.unwrap_or_else(|| match runtime.device {
+        Device::Cpu => DType::F32,
+        _ => weights::checkpoint_dtype(config_json).unwrap_or(DType::F32),
+    })
+}
+
 /// A model's config.json, read by its family.
 enum ParsedConfig {
     Blip(BlipConfig),
@@ -730,6 +730,24 @@ fn open_pack_cache(
     Ok(Some(Arc::new(cache)))
 }
 
+/// Saves what the load packed into the weight cache; what it did, with a
+/// note for the user where there is something to say.
+fn finish_pack_cache(
+    pack_cache: Option<&WeightCache>,
+    notes: &mut Vec<String>,
+) -> Option<weight_cache::Outcome> {
+    match pack_cache.map(WeightCache::finish)? {
+        Ok(outcome) => {
+            notes.extend(pack_cache_note(&outcome));
+            Some(outcome)
+        }
+        Err(err) => {
+            notes.push(format!("could not save the weight cache: {err:#}"));
+            None
+        }
+    }
+}
+
 /// What a user should hear about the weight cache after a load: that it
 /// was written (once per model and setting).
 fn pack_cache_note(outcome: &weight_cache::Outcome) -> Option<String> {
@@ -760,6 +778,50 @@ fn load_preprocess_config(path: &Path) -> Result<PreprocessConfig> {
     let section = json.get("image_processor").unwrap_or(&json);
     PreprocessConfig::from_json_str(&section.to_string())
         .with_context(|| format!("reading {}", path.display()))
+}
+
+/// Fails unless `preprocess` gives every image the square `image_size`
+/// the vision model was trained on.
+pub(crate) fn check_image_size(
+    preprocess: &PreprocessConfig,
+    image_size: usize,
+    path: &Path,
+) -> Result<()> {
+    let output = preprocess.output_size();
+    anyhow::ensure!(
+        output == Some((image_size as u32, image_size as u32)),
+        "{} gives {} but the vision model expects {image_size}x{image_size}",
+        path.display(),
+        match output {
+            Some((h, w)) => format!("{w}x{h} images"),
+            None => "images of their own size".to_string(),
+        }
+    );
+    Ok(())
+}
+
+/// `[batch, 3, H, W]` pixel values of decoded RGB images, in `dtype` on `device`.
+pub(crate) fn pixel_values(
+    images: &[image::RgbImage],
+    preprocess: &PreprocessConfig,
+    device: &Device,
+    dtype: DType,
+) -> Result<Tensor> {
+    let (h, w) = model_input_size(preprocess);
+    let mut values = Vec::with_capacity(images.len() * 3 * h * w);
+    for image in images {
+        values.extend(crate::image::pixel_values(image, preprocess));
+    }
+    Ok(Tensor::from_vec(values, (images.len(), 3, h, w), device)?.to_dtype(dtype)?)
+}
+
+/// `(height, width)` of the pixel values `preprocess` makes (checked
+/// against the model by [`check_image_size`] at load).
+pub(crate) fn model_input_size(preprocess: &PreprocessConfig) -> (usize, usize) {
+    let (h, w) = preprocess
+        .output_size()
+        .unwrap_or((preprocess.height, preprocess.width));
+    (h as usize, w as usize)
 }
 
 /// Adds each image's answers to `question` to that image's list.

@@ -12,6 +12,8 @@ use caption::output::Format;
 use caption::RuntimeOptions;
 
 const DEFAULT_CHAT_MODEL: &str = "blip2-opt-2.7b";
+/// The CLIP model of `--labels`, `--rerank`, `caption embed` and `caption search`.
+pub const DEFAULT_CLIP_MODEL: &str = "clip-vit-base-patch32";
 
 /// `caption --version`: the version and whether this build can use a GPU.
 #[cfg(feature = "cuda")]
@@ -47,6 +49,12 @@ pub enum Command {
     },
     /// Print the manual page (roff), e.g. `caption man > ~/.local/share/man/man1/caption.1`.
     Man,
+    /// Write the CLIP embedding of each image (L2-normalised), or of each --text.
+    Embed(Box<EmbedArgs>),
+    /// Rank images by how well they match a text (or, with --like, another image), best first.
+    /// Embeddings are kept in an index in the cache: a second search of the same folders
+    /// embeds only new or changed images.
+    Search(Box<SearchArgs>),
 }
 
 #[derive(Debug, Args)]
@@ -118,6 +126,9 @@ pub struct CaptionArgs {
     #[arg(long, value_name = "QUESTION")]
     pub ask: Vec<String>,
 
+    #[command(flatten)]
+    pub clip: ClipArgs,
+
     /// Start every caption with this text, e.g. "a picture of" (BLIP prints it as part of the caption,
     /// as transformers does); BLIP-2 continues it as a raw prompt and prints only the continuation.
     #[arg(long)]
@@ -137,6 +148,17 @@ pub struct CaptionArgs {
     #[command(flatten)]
     pub decoding: DecodingArgs,
 
+    #[command(flatten)]
+    pub load: ImageArgs,
+
+    /// Print nothing on stderr but errors.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// How images are read.
+#[derive(Debug, Args)]
+pub struct ImageArgs {
     /// Ignore EXIF orientation (transformers does): use the pixels as stored.
     #[arg(long)]
     pub no_exif_rotate: bool,
@@ -148,10 +170,134 @@ pub struct CaptionArgs {
     #[arg(long, value_name = "N", default_value_t = caption::image::PILLOW_MAX_PIXELS,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_pixels: u64,
+}
+
+impl ImageArgs {
+    pub fn load_options(&self) -> caption::image::LoadOptions {
+        caption::image::LoadOptions {
+            exif_rotate: !self.no_exif_rotate,
+            max_pixels: self.max_pixels,
+        }
+    }
+}
+
+/// Zero-shot labels and CLIP reranking on the main command.
+#[derive(Debug, Args)]
+pub struct ClipArgs {
+    /// Label each image with the best of these labels, scored by a CLIP model (-m, default
+    /// clip-vit-base-patch32): comma-separated ("cat,dog,red car"), or @FILE with one label
+    /// per line.
+    #[arg(long, value_name = "LABELS", conflicts_with_all = ["ask", "prompt", "sidecar", "rerank"],
+          help_heading = "CLIP")]
+    pub labels: Option<String>,
+
+    /// The sentence each label is put into before it is encoded; {} is the label.
+    #[arg(long, value_name = "TEMPLATE", default_value = caption::captioner::embed::DEFAULT_LABEL_TEMPLATE,
+          requires = "labels", help_heading = "CLIP")]
+    pub label_template: String,
+
+    /// Keep only the K best labels of each image (jsonl, json, csv, tsv) [default: all].
+    #[arg(long, value_name = "K", requires = "labels",
+          value_parser = clap::value_parser!(u32).range(1..), help_heading = "CLIP")]
+    pub top: Option<u32>,
+
+    /// Generate --candidates captions per image and print the one a CLIP model finds
+    /// closest to the image (its cosine similarity is jsonl's clip_score). Name the model
+    /// as --rerank=MODEL [default: clip-vit-base-patch32].
+    #[arg(long, value_name = "CLIP-MODEL", num_args = 0..=1, require_equals = true,
+          default_missing_value = DEFAULT_CLIP_MODEL, conflicts_with = "ask", help_heading = "CLIP")]
+    pub rerank: Option<String>,
+
+    /// How many candidates --rerank chooses from: beam search returning N (or N samples
+    /// with --sample); --num-return K prints the best K of them, ranked.
+    #[arg(long, value_name = "N", default_value_t = 5, requires = "rerank",
+          value_parser = clap::value_parser!(u32).range(2..=64), help_heading = "CLIP")]
+    pub candidates: u32,
+}
+
+/// What `caption embed` and `caption search` read and how they run.
+#[derive(Debug, Args)]
+pub struct EmbedInputArgs {
+    /// Descend into subfolders of the folders given.
+    #[arg(short, long)]
+    pub recursive: bool,
+
+    /// Use only this share of the inputs, e.g. 2/8 (by a stable hash of each path).
+    #[arg(long, value_name = "K/N")]
+    pub shard: Option<Shard>,
+
+    /// A CLIP model: an alias (see `caption models`), a Hub id, or a local folder.
+    #[arg(short, long, env = "CAPTION_CLIP_MODEL", default_value = DEFAULT_CLIP_MODEL)]
+    pub model: String,
+
+    /// Images encoded together. Larger batches use the CPU better; results are identical.
+    #[arg(long, default_value_t = 8, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch_size: u32,
+
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+
+    #[command(flatten)]
+    pub load: ImageArgs,
 
     /// Print nothing on stderr but errors.
     #[arg(short, long)]
     pub quiet: bool,
+}
+
+/// `caption embed IMAGES...`.
+#[derive(Debug, Args)]
+pub struct EmbedArgs {
+    /// Image files and folders; `-` reads paths from stdin, one per line.
+    #[arg(value_name = "IMAGE")]
+    pub images: Vec<std::ffi::OsString>,
+
+    /// Embed this text instead (repeatable): {"text": ..., "embedding": [...]}.
+    #[arg(long, value_name = "TEXT")]
+    pub text: Vec<String>,
+
+    /// Output format on stdout.
+    #[arg(long, value_enum, default_value_t = Format::Jsonl)]
+    pub format: Format,
+
+    /// Write the image embeddings to FILE.npy (float32, one row per image) and their paths,
+    /// one JSON string per line, to FILE.npy.paths, instead of stdout: a million
+    /// embeddings in 2 GB rather than a 10 GB JSON file. Both are written whole
+    /// (temporary file, then rename).
+    #[arg(long, short, value_name = "FILE.npy")]
+    pub output: Option<std::path::PathBuf>,
+
+    #[command(flatten)]
+    pub input: EmbedInputArgs,
+}
+
+/// `caption search QUERY PATHS...`.
+#[derive(Debug, Args)]
+pub struct SearchArgs {
+    /// What to look for, e.g. "a red car at night" (not with --like), then the image files
+    /// and folders to search; `-` reads paths from stdin, one per line.
+    #[arg(value_name = "QUERY] [PATH", required = true)]
+    pub terms: Vec<std::ffi::OsString>,
+
+    /// Search by this image instead of a text: near duplicates first (the image itself is
+    /// left out). Every argument is then a path.
+    #[arg(long, value_name = "IMAGE")]
+    pub like: Option<std::ffi::OsString>,
+
+    /// How many results to print, best first.
+    #[arg(long, value_name = "K", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub top: u32,
+
+    /// Output format: text (path<TAB>score) or jsonl ({"path": ..., "score": ...}), etc.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+
+    /// Neither read nor update the embedding index in the cache (~/.cache/caption/index).
+    #[arg(long)]
+    pub no_index: bool,
+
+    #[command(flatten)]
+    pub input: EmbedInputArgs,
 }
 
 /// How to pick the tokens of a caption or answer.
@@ -297,17 +443,8 @@ pub struct ChatArgs {
     #[command(flatten)]
     pub decoding: DecodingArgs,
 
-    /// Ignore EXIF orientation (transformers does): use the pixels as stored.
-    #[arg(long)]
-    pub no_exif_rotate: bool,
-
-    /// Refuse (as a failed input) an image with more pixels than this,
-    /// before decoding it. The default is where Pillow refuses an image as
-    /// a decompression bomb (2 x Image.MAX_IMAGE_PIXELS); a decoded pixel
-    /// takes 3-8 bytes while it is decoded.
-    #[arg(long, value_name = "N", default_value_t = caption::image::PILLOW_MAX_PIXELS,
-          value_parser = clap::value_parser!(u64).range(1..))]
-    pub max_pixels: u64,
+    #[command(flatten)]
+    pub load: ImageArgs,
 
     /// Print nothing on stderr but errors and notices about the conversation.
     #[arg(short, long)]

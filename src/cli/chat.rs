@@ -15,7 +15,6 @@ use super::model::open_model;
 use super::outcome::RunStatus;
 use caption::captioner::blip2::Conversation;
 use caption::generate::GenerationConfig;
-use caption::image::LoadOptions;
 use caption::resolve::registry::{Registry, Task};
 
 /// What a person at a terminal sees before typing a question (on stderr, so
@@ -37,10 +36,7 @@ pub fn run(args: &ChatArgs, registry: &Registry) -> Result<RunStatus> {
             entry.family
         );
     }
-    let load_options = LoadOptions {
-        exif_rotate: !args.no_exif_rotate,
-        max_pixels: args.max_pixels,
-    };
+    let load_options = args.load.load_options();
     let image = caption::batch::load_image(&args.image, &load_options)
         .map_err(|err| anyhow::anyhow!("{}: {err}", args.image.to_string_lossy()))?;
     let captioner = open_model(&source, entry, &runtime, args.quiet)?;

@@ -7,13 +7,13 @@ use anyhow::{bail, Context, Result};
 
 use super::args::{generation_flags, runtime_options, CaptionArgs};
 use super::interrupt;
-use super::model::open_model;
+use super::model::{open_embedder, open_model};
 use super::outcome::RunStatus;
 use caption::batch::inputs::{self, CollectOptions, Input};
 use caption::batch::{skip_captioned, Batches, Ended, Progress, Work};
-use caption::image::LoadOptions;
+use caption::generate::GenerationDefaults;
 use caption::output::sidecar::{Existing, SidecarOptions};
-use caption::output::{self, Format, Outcome, Record, TextColumns};
+use caption::output::{self, Content, Format, Outcome, Record, TextColumns};
 use caption::resolve::hub::ModelSource;
 use caption::resolve::registry::{Entry, Registry, Task};
 use caption::CaptionRequest;
@@ -35,6 +35,10 @@ fn check_task(model: &str, task: Task, asking: bool) -> Result<()> {
         (Task::Vqa, false) => bail!(
             "{model} answers questions: pass --ask QUESTION, or caption with e.g. --model {DEFAULT_CAPTION_MODEL}"
         ),
+        (Task::Embed, _) => bail!(
+            "{model} is a CLIP model: it labels (--labels), embeds (`caption embed`), searches \
+             (`caption search`) and reranks captions (--rerank CLIP-MODEL), but writes no text"
+        ),
         (Task::Caption | Task::Vqa | Task::Chat, _) => Ok(()),
     }
 }
@@ -42,12 +46,12 @@ fn check_task(model: &str, task: Task, asking: bool) -> Result<()> {
 /// A progress bar with rate and ETA on stderr, only when stderr is a terminal
 /// (never in pipes or logs) and not `--quiet`; messages for people go through
 /// it so they do not tear the bar.
-struct ProgressBar {
+pub(super) struct ProgressBar {
     bar: Option<indicatif::ProgressBar>,
 }
 
 impl ProgressBar {
-    fn new(total: usize, quiet: bool) -> Self {
+    pub(super) fn new(total: usize, quiet: bool) -> Self {
         let shown = !quiet && std::io::stderr().is_terminal() && total > 1;
         let bar = shown.then(|| {
             let bar = indicatif::ProgressBar::new(total as u64);
@@ -62,7 +66,7 @@ impl ProgressBar {
         Self { bar }
     }
 
-    fn finish(&self) {
+    pub(super) fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
@@ -104,12 +108,15 @@ fn gather_inputs(args: &CaptionArgs) -> Result<(Vec<Input>, Vec<inputs::InputPro
     Ok((found, problems))
 }
 
-/// `caption IMAGES...`: every input captioned (or asked about), one record
-/// each on stdout.
+/// `caption IMAGES...`: every input captioned (or asked about, or
+/// labelled), one record each on stdout.
 pub fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStatus> {
     check_arguments(args)?;
     let runtime = runtime_options(&args.runtime)?;
-    let flags = generation_flags(&args.decoding);
+    if let Some(labels) = &args.clip.labels {
+        return label_images(args, labels, registry, &runtime);
+    }
+    let flags = rerank_flags(args, generation_flags(&args.decoding))?;
     // Bad flag values fail before any download or model load.
     flags.resolve(args.decoding.seed).validate()?;
     let model = resolve_for_task(args, registry)?;
@@ -121,22 +128,19 @@ pub fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStat
     if skipped > 0 && !args.quiet {
         eprintln!("caption: skipped {skipped} images that already have a sidecar");
     }
-    let several = inputs.len() + problems.len() > 1
-        || args
-            .images
-            .iter()
-            .any(|a| a == "-" || std::path::Path::new(a).is_dir());
+    let several = several_results(args, &inputs, &problems);
+    let kept = args.decoding.num_return.unwrap_or(1) as usize;
+    let ranked = match args.clip.rerank {
+        Some(_) => kept > 1,
+        None => flags.resolve(args.decoding.seed).num_return_sequences > 1,
+    };
+    let columns = TextColumns {
+        reranked: args.clip.rerank.is_some(),
+        ..text_columns(args, several, ranked)
+    };
     if inputs.is_empty() {
         // Nothing for a model to do: report the problems, load nothing.
-        let ranked = flags.resolve(args.decoding.seed).num_return_sequences > 1;
-        let mut writer = output::writer(
-            args.format,
-            std::io::stdout().lock(),
-            text_columns(args, several, ranked),
-        );
-        let status = write_problems(&mut *writer, problems)?;
-        writer.finish().context(WRITING_STDOUT)?;
-        return Ok(status);
+        return report_problems_only(args.format, columns, problems);
     }
     let captioner = open_for_task(args, model, &runtime)?;
     let request = CaptionRequest {
@@ -144,26 +148,158 @@ pub fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStat
         generation: captioner.generation(&flags, args.decoding.seed),
     };
     request.generation.validate()?;
-    let ranked = request.generation.num_return_sequences > 1;
+    // The model's own defaults may ask for several captions.
+    let columns = TextColumns {
+        ranked: match args.clip.rerank {
+            Some(_) => kept > 1,
+            None => request.generation.num_return_sequences > 1,
+        },
+        ..columns
+    };
+    let embedder = match &args.clip.rerank {
+        Some(clip_model) => Some(open_embedder(clip_model, registry, &runtime, args.quiet)?),
+        None => None,
+    };
+    let work = match &embedder {
+        Some(embedder) => Work::Rerank {
+            captioner: &captioner,
+            request,
+            embedder,
+            keep: kept,
+        },
+        None => work(args, &captioner, request),
+    };
+    run_batches(args, work, &inputs, problems, columns, sidecar)
+}
+
+/// `caption --labels LABELS IMAGES...`: zero-shot labels from a CLIP model.
+fn label_images(
+    args: &CaptionArgs,
+    labels: &str,
+    registry: &Registry,
+    runtime: &caption::RuntimeOptions,
+) -> Result<RunStatus> {
+    let labels = parse_labels(labels)?;
+    let model = args
+        .model
+        .as_deref()
+        .unwrap_or(super::args::DEFAULT_CLIP_MODEL);
+    // A mistyped alias fails before the inputs are walked.
+    caption::resolve_model(model, registry)?;
+    let (inputs, problems) = gather_inputs(args)?;
+    let columns = TextColumns {
+        content: Content::Labels,
+        ..text_columns(args, several_results(args, &inputs, &problems), false)
+    };
+    if inputs.is_empty() {
+        return report_problems_only(args.format, columns, problems);
+    }
+    let embedder = open_embedder(model, registry, runtime, args.quiet)?;
+    // Encoded once for the whole run.
+    let labels = embedder.label_set(&labels, &args.clip.label_template)?;
+    let work = Work::Labels {
+        embedder: &embedder,
+        labels: &labels,
+        top: args.clip.top.map(|k| k as usize),
+    };
+    run_batches(args, work, &inputs, problems, columns, None)
+}
+
+/// `--labels`: "a,b,c", or @FILE with one label per line; blank entries
+/// are dropped.
+fn parse_labels(spec: &str) -> Result<Vec<String>> {
+    let labels: Vec<String> = match spec.strip_prefix('@') {
+        Some(file) => {
+            let path = std::path::Path::new(file);
+            caption::load::regular_file::read_text(path)
+                .with_context(|| format!("reading the labels in {file}"))?
+                .lines()
+                .map(|line| line.trim().to_string())
+                .filter(|line| !line.is_empty())
+                .collect()
+        }
+        None => spec
+            .split(',')
+            .map(|label| label.trim().to_string())
+            .filter(|label| !label.is_empty())
+            .collect(),
+    };
+    anyhow::ensure!(
+        !labels.is_empty(),
+        "--labels {spec:?} holds no labels (give \"cat,dog\" or @FILE with one per line)"
+    );
+    Ok(labels)
+}
+
+/// The decoding flags with `--rerank`'s candidates asked for: N beams
+/// returning N (or N samples with --sample).
+fn rerank_flags(args: &CaptionArgs, mut flags: GenerationDefaults) -> Result<GenerationDefaults> {
+    if args.clip.rerank.is_none() {
+        return Ok(flags);
+    }
+    let candidates = args.clip.candidates as usize;
+    let keep = args.decoding.num_return.unwrap_or(1) as usize;
+    anyhow::ensure!(
+        keep <= candidates,
+        "--num-return {keep} asks for more captions than the {candidates} --candidates"
+    );
+    flags.num_return_sequences = Some(candidates);
+    if !args.decoding.sample {
+        flags.num_beams = Some(flags.num_beams.unwrap_or(1).max(candidates));
+    }
+    Ok(flags)
+}
+
+/// Whether results need their path beside them: several inputs, a folder
+/// or stdin.
+fn several_results(
+    args: &CaptionArgs,
+    inputs: &[Input],
+    problems: &[inputs::InputProblem],
+) -> bool {
+    inputs.len() + problems.len() > 1
+        || args
+            .images
+            .iter()
+            .any(|a| a == "-" || std::path::Path::new(a).is_dir())
+}
+
+/// A run with nothing to give a model: the problems reported, nothing loaded.
+fn report_problems_only(
+    format: Format,
+    columns: TextColumns,
+    problems: Vec<inputs::InputProblem>,
+) -> Result<RunStatus> {
+    let mut writer = output::writer(format, std::io::stdout().lock(), columns);
+    let status = write_problems(&mut *writer, problems)?;
+    writer.finish().context(WRITING_STDOUT)?;
+    Ok(status)
+}
+
+/// Runs `work` over `inputs`, records to stdout as they come.
+fn run_batches(
+    args: &CaptionArgs,
+    work: Work,
+    inputs: &[Input],
+    problems: Vec<inputs::InputProblem>,
+    columns: TextColumns,
+    sidecar: Option<SidecarOptions>,
+) -> Result<RunStatus> {
     // From here on records are written: a Ctrl-C lets the batch in hand
     // finish, so that every one of them is whole.
     let interrupted = interrupt::stop_after_batch();
     let stdout = std::io::stdout().lock();
-    let mut writer = output::writer(args.format, stdout, text_columns(args, several, ranked));
+    let mut writer = output::writer(args.format, stdout, columns);
     let status = write_problems(&mut *writer, problems)?;
     let batches = Batches {
-        captioner: &captioner,
-        work: work(args, request),
+        work,
         batch_size: args.batch_size as usize,
-        load_options: LoadOptions {
-            exif_rotate: !args.no_exif_rotate,
-            max_pixels: args.max_pixels,
-        },
+        load_options: args.load.load_options(),
         sidecar,
         stop: Some(interrupted),
     };
     let progress = ProgressBar::new(inputs.len(), args.quiet);
-    let ended = batches.run(&inputs, &progress, |record| {
+    let ended = batches.run(inputs, &progress, |record| {
         writer.write(&record).context(WRITING_STDOUT)
     });
     progress.finish();
@@ -172,21 +308,26 @@ pub fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStat
     let finished = writer.finish().context(WRITING_STDOUT);
     let ended = ended?;
     finished?;
+    Ok(ended_status(ended, inputs.len(), status))
+}
+
+/// The exit status of a run that ended as `ended`, `status` being what
+/// came before it (inputs that could not be used).
+pub(super) fn ended_status(ended: Ended, total: usize, status: RunStatus) -> RunStatus {
     match ended {
         Ended::Stopped { done, .. } => {
             eprintln!(
-                "caption: interrupted after {done} of {} images; every result written is complete",
-                inputs.len()
+                "caption: interrupted after {done} of {total} images; every result written is complete"
             );
-            Ok(RunStatus::Interrupted)
+            RunStatus::Interrupted
         }
-        Ended::Finished { failed } if failed > 0 => Ok(RunStatus::SomeFailed),
-        Ended::Finished { .. } => Ok(status),
+        Ended::Finished { failed } if failed > 0 => RunStatus::SomeFailed,
+        Ended::Finished { .. } => status,
     }
 }
 
 /// Each input that could not be used: a line on stderr and an error record.
-fn write_problems(
+pub(super) fn write_problems(
     writer: &mut dyn output::RecordWriter,
     problems: Vec<inputs::InputProblem>,
 ) -> Result<RunStatus> {
@@ -287,6 +428,8 @@ fn sidecar_options(args: &CaptionArgs) -> Option<SidecarOptions> {
 /// Which columns the text formats show.
 fn text_columns(args: &CaptionArgs, several: bool, ranked: bool) -> TextColumns {
     TextColumns {
+        content: Content::Captions,
+        reranked: false,
         path: several,
         // Text shows the question only when there is a choice; the
         // delimited formats always carry it when asking.
@@ -300,11 +443,16 @@ fn text_columns(args: &CaptionArgs, several: bool, ranked: bool) -> TextColumns 
 }
 
 /// Captions, or the `--ask` questions' answers.
-fn work(args: &CaptionArgs, request: CaptionRequest) -> Work {
+fn work<'a>(
+    args: &CaptionArgs,
+    captioner: &'a caption::Captioner,
+    request: CaptionRequest,
+) -> Work<'a> {
     if args.ask.is_empty() {
-        Work::Caption(request)
+        Work::Caption { captioner, request }
     } else {
         Work::Ask {
+            captioner,
             questions: args.ask.clone(),
             generation: request.generation,
         }

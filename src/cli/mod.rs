@@ -9,6 +9,7 @@ mod interrupt;
 mod manual;
 mod model;
 mod outcome;
+mod search;
 pub mod stdout;
 
 pub use args::Cli;
@@ -27,6 +28,8 @@ pub fn run(cli: Cli) -> Result<RunStatus> {
         Some(Command::Chat(args)) => chat::run(&args, &registry),
         Some(Command::Completions { shell }) => manual::print_completions(shell),
         Some(Command::Man) => manual::print_man_page(),
+        Some(Command::Embed(args)) => search::embed(&args, &registry),
+        Some(Command::Search(args)) => search::search(&args, &registry),
         None => images::caption_images(&cli.caption, &registry),
     }
 }

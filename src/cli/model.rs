@@ -27,6 +27,31 @@ pub fn open_model(
     Ok(captioner)
 }
 
+/// The CLIP model `model` names, fetched and loaded, its notes on stderr;
+/// refused by its alias when that is for another job.
+pub fn open_embedder(
+    model: &str,
+    registry: &Registry,
+    runtime: &RuntimeOptions,
+    quiet: bool,
+) -> Result<caption::Embedder> {
+    let (source, entry) = caption::resolve_model(model, registry)?;
+    if let Some(entry) = entry.filter(|e| e.task != caption::resolve::registry::Task::Embed) {
+        anyhow::bail!(
+            "{model} is a {} model, not a CLIP model: labels, embeddings, search and --rerank \
+             need one, e.g. clip-vit-base-patch32 (see `caption models`)",
+            entry.family
+        );
+    }
+    let embedder = caption::Embedder::open_source(&source, runtime)?;
+    if !quiet {
+        for note in embedder.notes() {
+            eprintln!("caption: note: {source}: {note}");
+        }
+    }
+    Ok(embedder)
+}
+
 /// `caption models`: the aliases, and which are in the local cache.
 pub fn list_models(registry: &Registry) -> Result<RunStatus> {
     let cache = hub::hub_cache_dir().ok();

@@ -1,4 +1,4 @@
-//! `preprocessor_config.json` for BLIP's image processor.
+//! `preprocessor_config.json` for BLIP's and CLIP's image processors.
 
 use std::path::Path;
 
@@ -12,17 +12,25 @@ pub const OPENAI_CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
 /// transformers' `OPENAI_CLIP_STD`, BLIP's default `image_std`.
 pub const OPENAI_CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
 
-/// What `BlipImageProcessor` does to an RGB image: resize to `width` x `height`, multiply by
-/// `rescale_factor`, subtract `image_mean` and divide by `image_std`.
+/// What `BlipImageProcessor` or `CLIPImageProcessor` does to an RGB image: resize (to `width` x
+/// `height`, or so that the shorter side is `shortest_edge`), center-crop to `crop_size` when
+/// there is one, multiply by `rescale_factor`, subtract `image_mean` and divide by `image_std`.
 ///
 /// `image_mean`/`image_std` are `f32` because transformers converts them to the image's dtype
 /// (float32) before normalising; `rescale_factor` stays `f64` because the rescale is done in
 /// float64 and only then cast to float32.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PreprocessConfig {
+    /// The exact resize target, used when `shortest_edge` is `None`.
     pub height: u32,
     pub width: u32,
+    /// Resize keeping the aspect ratio so that the shorter side has this length (CLIP's
+    /// `{"shortest_edge": n}`, or an integer `size` where `default_to_square` is false).
+    pub shortest_edge: Option<u32>,
     pub do_resize: bool,
+    /// `(height, width)` of the center crop after the resize (`do_center_crop` with
+    /// `crop_size`); `None` without one.
+    pub crop_size: Option<(u32, u32)>,
     pub resample: Resample,
     pub do_rescale: bool,
     pub rescale_factor: f64,
@@ -40,7 +48,9 @@ impl Default for PreprocessConfig {
         PreprocessConfig {
             height: 384,
             width: 384,
+            shortest_edge: None,
             do_resize: true,
+            crop_size: None,
             resample: Resample::Bicubic,
             do_rescale: true,
             rescale_factor: 1.0 / 255.0,
@@ -52,30 +62,99 @@ impl Default for PreprocessConfig {
     }
 }
 
+/// What a processor class assumes for keys its saved config leaves out.
+struct ClassDefaults {
+    config: PreprocessConfig,
+    default_to_square: bool,
+}
+
+impl PreprocessConfig {
+    /// `CLIPImageProcessor`'s class defaults: the shorter side to 224 px with bicubic, then
+    /// the central 224 x 224.
+    pub fn clip_default() -> Self {
+        PreprocessConfig {
+            height: 224,
+            width: 224,
+            shortest_edge: Some(224),
+            crop_size: Some((224, 224)),
+            ..PreprocessConfig::default()
+        }
+    }
+
+    /// The `(height, width)` of every image this config produces; `None` where it keeps the
+    /// image's own size (no resize and no crop), or its aspect ratio (a shortest-edge resize
+    /// without a crop).
+    pub fn output_size(&self) -> Option<(u32, u32)> {
+        match (self.crop_size, self.do_resize, self.shortest_edge) {
+            (Some(crop), _, _) => Some(crop),
+            (None, true, None) => Some((self.height, self.width)),
+            _ => None,
+        }
+    }
+}
+
 /// Prefix marking a JSON number we turned into a string, see [`quote_numbers`]: U+0001, which
 /// no real config string starts with, written as a JSON escape in the rewritten text.
 const NUM: &str = "\u{1}num:";
 const NUM_ESCAPED: &str = "\\u0001num:";
 
 impl PreprocessConfig {
-    /// Parse a `preprocessor_config.json`. Keys that are missing or `null` take
-    /// `BlipImageProcessor`'s defaults; keys we do not use are ignored.
+    /// Parse a `preprocessor_config.json` of a BLIP model. Keys that are missing or `null`
+    /// take `BlipImageProcessor`'s defaults; keys we do not use are ignored.
     ///
     /// `size` may be an integer (a square, since BLIP has `default_to_square = True`),
-    /// `{"height": h, "width": w}`, or a `[h, w]` list. Aspect-preserving sizes
-    /// (`shortest_edge`, `longest_edge`, `max_height`/`max_width`) are rejected: BLIP's vision
-    /// tower needs the fixed square it was trained on. `do_center_crop: true` is rejected too.
+    /// `{"height": h, "width": w}`, `{"shortest_edge": n}` or a `[h, w]` list; `crop_size` an
+    /// integer, `{"height", "width"}` or a list. Sizes that leave the output's size to the
+    /// image (a shortest edge without a crop, `longest_edge`, `max_height`/`max_width`) are
+    /// rejected: a ViT needs the fixed size it was trained on.
     pub fn from_json_str(json: &str) -> Result<Self> {
+        Self::parse_over(
+            json,
+            ClassDefaults {
+                config: PreprocessConfig::default(),
+                default_to_square: true,
+            },
+        )
+    }
+
+    /// [`Self::from_json_str`] for a CLIP model, whose processor class defaults differ: an
+    /// integer `size` is the shortest edge (`default_to_square = False`, as the openai
+    /// checkpoints' legacy `"size": 224` relies on) and the center crop is on.
+    pub fn clip_from_json_str(json: &str) -> Result<Self> {
+        Self::parse_over(
+            json,
+            ClassDefaults {
+                config: PreprocessConfig::clip_default(),
+                default_to_square: false,
+            },
+        )
+    }
+
+    fn parse_over(json: &str, class: ClassDefaults) -> Result<Self> {
         let value: Value = serde_json::from_str(&quote_numbers(json))
             .context("preprocessor config is not valid JSON")?;
         let obj = value
             .as_object()
             .ok_or_else(|| anyhow!("preprocessor config must be a JSON object"))?;
-        let mut cfg = PreprocessConfig::default();
+        let mut cfg = class.config;
 
-        let default_to_square = get_bool(obj, "default_to_square")?.unwrap_or(true);
+        let default_to_square =
+            get_bool(obj, "default_to_square")?.unwrap_or(class.default_to_square);
         if let Some(size) = present(obj, "size") {
-            (cfg.height, cfg.width) = parse_size(size, default_to_square)?;
+            match parse_size(size, default_to_square)? {
+                Size::Exact(height, width) => {
+                    (cfg.height, cfg.width) = (height, width);
+                    cfg.shortest_edge = None;
+                }
+                Size::ShortestEdge(n) => cfg.shortest_edge = Some(n),
+            }
+        }
+        let mut crop_size = cfg.crop_size;
+        if let Some(size) = present(obj, "crop_size") {
+            crop_size = match parse_size(size, true)? {
+                Size::Exact(height, width) => Some((height, width)),
+                Size::ShortestEdge(_) => bail!("crop_size must be a height and a width"),
+            };
         }
         if let Some(code) = present(obj, "resample") {
             let code = integer(code).ok_or_else(|| anyhow!("resample must be an integer"))?;
@@ -98,8 +177,17 @@ impl PreprocessConfig {
         if let Some(v) = get_bool(obj, "do_convert_rgb")? {
             cfg.do_convert_rgb = v;
         }
-        if get_bool(obj, "do_center_crop")? == Some(true) {
-            bail!("do_center_crop is not supported for BLIP image preprocessing");
+        let do_center_crop = get_bool(obj, "do_center_crop")?.unwrap_or(cfg.crop_size.is_some());
+        cfg.crop_size = match (do_center_crop, crop_size) {
+            (false, _) => None,
+            (true, Some(crop)) => Some(crop),
+            (true, None) => bail!("do_center_crop is set but there is no crop_size"),
+        };
+        if cfg.do_resize && cfg.shortest_edge.is_some() && cfg.crop_size.is_none() {
+            bail!(
+                "a shortest_edge resize without a center crop keeps each image's aspect ratio; \
+                 the vision model needs one fixed size"
+            );
         }
         if let Some(v) = present(obj, "rescale_factor") {
             cfg.rescale_factor =
@@ -202,38 +290,46 @@ fn dimension(v: &Value, what: &str) -> Result<u32> {
         .ok_or_else(|| anyhow!("{what} must be a positive integer, got {n}"))
 }
 
-/// `(height, width)` from transformers' `get_size_dict` forms.
-fn parse_size(size: &Value, default_to_square: bool) -> Result<(u32, u32)> {
+/// A `size` in one of transformers' `get_size_dict` forms.
+enum Size {
+    /// `(height, width)`.
+    Exact(u32, u32),
+    ShortestEdge(u32),
+}
+
+/// `size` or `crop_size` from transformers' `get_size_dict` forms.
+fn parse_size(size: &Value, default_to_square: bool) -> Result<Size> {
     match size {
         Value::Object(map) => {
             let mut keys: Vec<&str> = map.keys().map(String::as_str).collect();
             keys.sort_unstable();
-            if keys == ["height", "width"] {
-                Ok((
+            match keys.as_slice() {
+                ["height", "width"] => Ok(Size::Exact(
                     dimension(&map["height"], "size.height")?,
                     dimension(&map["width"], "size.width")?,
-                ))
-            } else {
-                bail!(
-                    "unsupported size {size}: BLIP needs a fixed {{\"height\", \"width\"}}; \
-                     aspect-preserving sizes (shortest_edge, longest_edge, max_height/max_width) \
-                     are not supported"
-                )
+                )),
+                ["shortest_edge"] => Ok(Size::ShortestEdge(dimension(
+                    &map["shortest_edge"],
+                    "size.shortest_edge",
+                )?)),
+                _ => bail!(
+                    "unsupported size {size}: expected {{\"height\", \"width\"}} or \
+                     {{\"shortest_edge\"}}; sizes that depend on the image (longest_edge, \
+                     max_height/max_width) are not supported"
+                ),
             }
         }
-        Value::Array(items) if items.len() == 2 => Ok((
+        Value::Array(items) if items.len() == 2 => Ok(Size::Exact(
             dimension(&items[0], "size[0]")?,
             dimension(&items[1], "size[1]")?,
         )),
         v if integer(v).is_some() => {
-            if !default_to_square {
-                bail!(
-                    "unsupported size: an integer size with default_to_square = false means \
-                     shortest_edge, which BLIP does not support"
-                );
-            }
             let n = dimension(v, "size")?;
-            Ok((n, n))
+            Ok(if default_to_square {
+                Size::Exact(n, n)
+            } else {
+                Size::ShortestEdge(n)
+            })
         }
         _ => bail!("size must be an integer, a [height, width] list or {{\"height\", \"width\"}}"),
     }
@@ -293,9 +389,11 @@ mod tests {
         assert_eq!(parse(r#"{"size": [61, 97]}"#).unwrap(), (61, 97));
         assert_eq!(parse(r#"{"size": null}"#).unwrap(), (384, 384));
         assert_eq!(parse(r#"{}"#).unwrap(), (384, 384));
+        // A shortest edge needs a crop to give a fixed size.
         let err = parse(r#"{"size": {"shortest_edge": 384}}"#).unwrap_err();
         assert!(err.to_string().contains("shortest_edge"), "{err}");
         assert!(parse(r#"{"size": 384, "default_to_square": false}"#).is_err());
+        assert!(parse(r#"{"size": {"longest_edge": 384}}"#).is_err());
         assert!(parse(r#"{"size": {"height": 0, "width": 3}}"#).is_err());
         assert!(parse(r#"{"size": {"height": 384}}"#).is_err());
         assert!(parse(r#"{"size": "big"}"#).is_err());
@@ -316,9 +414,44 @@ mod tests {
         assert!(cfg.do_convert_rgb);
         assert!(PreprocessConfig::from_json_str(r#"{"resample": 7}"#).is_err());
         assert!(PreprocessConfig::from_json_str(r#"{"image_mean": [0.5, 0.5]}"#).is_err());
+        // BLIP's processor has no crop_size to crop to.
         assert!(PreprocessConfig::from_json_str(r#"{"do_center_crop": true}"#).is_err());
         assert!(PreprocessConfig::from_json_str("[1, 2]").is_err());
         assert!(PreprocessConfig::from_json_str("{").is_err());
+    }
+
+    #[test]
+    fn clip_configs_resize_the_shortest_edge_then_crop() {
+        // openai/clip-vit-base-patch32's legacy file: integer sizes.
+        let legacy = PreprocessConfig::clip_from_json_str(
+            r#"{"crop_size": 224, "do_center_crop": true, "do_normalize": true,
+                "do_resize": true, "feature_extractor_type": "CLIPFeatureExtractor",
+                "resample": 3, "size": 224}"#,
+        )
+        .unwrap();
+        assert_eq!(legacy, PreprocessConfig::clip_default());
+        assert_eq!(legacy.output_size(), Some((224, 224)));
+        // transformers 5's form, and a crop apart from the resize.
+        let cfg = PreprocessConfig::clip_from_json_str(
+            r#"{"size": {"shortest_edge": 256}, "crop_size": {"height": 200, "width": 180}}"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.shortest_edge, Some(256));
+        assert_eq!(cfg.output_size(), Some((200, 180)));
+        // An exact resize, then a crop.
+        let cfg = PreprocessConfig::clip_from_json_str(
+            r#"{"size": {"height": 240, "width": 240}, "crop_size": [224, 224]}"#,
+        )
+        .unwrap();
+        assert_eq!((cfg.shortest_edge, cfg.height), (None, 240));
+        assert_eq!(cfg.output_size(), Some((224, 224)));
+        // Without the crop, a shortest edge leaves the size to the image.
+        assert!(PreprocessConfig::clip_from_json_str(r#"{"do_center_crop": false}"#).is_err());
+        let square = PreprocessConfig::clip_from_json_str(
+            r#"{"do_center_crop": false, "size": {"height": 64, "width": 64}}"#,
+        )
+        .unwrap();
+        assert_eq!(square.output_size(), Some((64, 64)));
     }
 
     #[test]

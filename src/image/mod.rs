@@ -28,16 +28,12 @@ pub use resample::{resize, Resample};
 
 use ::image::RgbImage;
 
-/// BLIP's `pixel_values` for an RGB image: resize (if `cfg.do_resize`), rescale, normalise;
-/// channel-first, `3 * height * width` values (the image's own size when not resizing).
+/// The `pixel_values` of an RGB image: resize (if `cfg.do_resize`), center-crop (if
+/// `cfg.crop_size`), rescale, normalise; channel-first, `3 * height * width` values (the
+/// image's own size when it is neither resized nor cropped).
 pub fn pixel_values(image: &RgbImage, cfg: &PreprocessConfig) -> Vec<f32> {
-    let resized;
-    let image = if needs_resize(image, cfg) {
-        resized = resize(image, cfg.width, cfg.height, cfg.resample);
-        &resized
-    } else {
-        image
-    };
+    let prepared = prepared(image, cfg);
+    let image = prepared.as_ref();
     // The value only depends on the byte and the channel, so tabulate the 3 x 256 outcomes of
     // exactly the float operations transformers performs and look them up.
     let lut = value_table(cfg);
@@ -59,21 +55,93 @@ pub fn pixel_values(image: &RgbImage, cfg: &PreprocessConfig) -> Vec<f32> {
     out
 }
 
-/// The resize step of [`pixel_values`] alone, done as soon as an image is
-/// decoded: the model needs `cfg`'s size (384 px for BLIP), and a batch of
-/// full-size photos held until the model runs took gigabytes (24 images of
-/// 177 KB: 4.9 GB at batch 8). [`pixel_values`] of the result is exactly
-/// that of the original.
+/// The resize and crop steps of [`pixel_values`] alone, done as soon as an image is decoded:
+/// the model needs `cfg`'s size (384 px for BLIP, 224 for CLIP), and a batch of full-size
+/// photos held until the model runs took gigabytes (24 images of 177 KB: 4.9 GB at batch 8).
+/// [`pixel_values`] of the result is exactly that of the original: where that would not hold
+/// (a config that resizes a shorter side past its crop, so a prepared image would be resized
+/// again), the image is returned as it is.
 pub fn resized_for_model(image: RgbImage, cfg: &PreprocessConfig) -> RgbImage {
-    if needs_resize(&image, cfg) {
-        resize(&image, cfg.width, cfg.height, cfg.resample)
-    } else {
-        image
+    if !preparing_is_idempotent(cfg) {
+        return image;
+    }
+    match prepared(&image, cfg) {
+        std::borrow::Cow::Borrowed(_) => image,
+        std::borrow::Cow::Owned(prepared) => prepared,
     }
 }
 
-fn needs_resize(image: &RgbImage, cfg: &PreprocessConfig) -> bool {
-    cfg.do_resize && image.dimensions() != (cfg.width, cfg.height)
+/// Whether preparing a prepared image changes nothing: an exact resize (Pillow returns a copy
+/// when the size is already right), or a shortest-edge resize to the crop's shorter side.
+fn preparing_is_idempotent(cfg: &PreprocessConfig) -> bool {
+    match (cfg.do_resize, cfg.shortest_edge, cfg.crop_size) {
+        (true, Some(edge), Some((h, w))) => edge == h.min(w),
+        (true, None, Some((h, w))) => (cfg.height, cfg.width) == (h, w),
+        _ => true,
+    }
+}
+
+/// `image` resized and cropped as `cfg` says, borrowed where neither changes it.
+fn prepared<'a>(image: &'a RgbImage, cfg: &PreprocessConfig) -> std::borrow::Cow<'a, RgbImage> {
+    use std::borrow::Cow;
+    let mut out = Cow::Borrowed(image);
+    if cfg.do_resize {
+        let (height, width) = resize_target(image.dimensions(), cfg);
+        if (width, height) != image.dimensions() {
+            out = Cow::Owned(resize(image, width, height, cfg.resample));
+        }
+    }
+    if let Some((height, width)) = cfg.crop_size {
+        if (width, height) != out.dimensions() {
+            out = Cow::Owned(center_crop(&out, height, width));
+        }
+    }
+    out
+}
+
+/// `(height, width)` of the resize: the exact size, or transformers'
+/// `get_resize_output_image_size` for a shortest edge (the longer side scaled in floating
+/// point and truncated, as Python's `int(size * long / short)`).
+fn resize_target((width, height): (u32, u32), cfg: &PreprocessConfig) -> (u32, u32) {
+    let Some(edge) = cfg.shortest_edge else {
+        return (cfg.height, cfg.width);
+    };
+    let (short, long) = if width <= height {
+        (width, height)
+    } else {
+        (height, width)
+    };
+    // Python divides the exact integer product by `short`, one rounding: so does this, for
+    // every product below 2^53.
+    let new_long = (f64::from(edge) * f64::from(long) / f64::from(short.max(1))) as u32;
+    if width <= height {
+        (new_long, edge)
+    } else {
+        (edge, new_long)
+    }
+}
+
+/// transformers' `center_crop` on the 8-bit image: the central `height` x `width`, with the
+/// offset rounded down, and zero (black) padding around an image smaller than the crop.
+pub fn center_crop(image: &RgbImage, height: u32, width: u32) -> RgbImage {
+    let (in_w, in_h) = (i64::from(image.width()), i64::from(image.height()));
+    let (h, w) = (i64::from(height), i64::from(width));
+    // Python's floor division, also for a negative difference.
+    let top = (in_h - h).div_euclid(2);
+    let left = (in_w - w).div_euclid(2);
+    // Where the image is smaller than the crop, transformers pads it first by
+    // ceil((new - old) / 2) before, then crops the padded image at the shifted offsets.
+    let pad_top = (h.max(in_h) - in_h + 1) / 2;
+    let pad_left = (w.max(in_w) - in_w + 1) / 2;
+    let (top, left) = (top + pad_top, left + pad_left);
+    RgbImage::from_fn(width, height, |x, y| {
+        let (sy, sx) = (top + i64::from(y) - pad_top, left + i64::from(x) - pad_left);
+        if (0..in_h).contains(&sy) && (0..in_w).contains(&sx) {
+            *image.get_pixel(sx as u32, sy as u32)
+        } else {
+            ::image::Rgb([0, 0, 0])
+        }
+    })
 }
 
 /// `value_table(cfg)[c][v]` is what transformers makes of byte `v` in channel `c`.
@@ -131,6 +199,49 @@ mod tests {
             ..PreprocessConfig::default()
         };
         assert_eq!(pixel_value(200, 0, &raw), 200.0);
+    }
+
+    #[test]
+    fn shortest_edge_targets_truncate_the_longer_side_as_python_does() {
+        let cfg = PreprocessConfig::clip_default();
+        // int(224 * 640 / 480) = int(298.67) = 298; (height, width).
+        assert_eq!(resize_target((640, 480), &cfg), (224, 298));
+        assert_eq!(resize_target((480, 640), &cfg), (298, 224));
+        assert_eq!(resize_target((1, 1000), &cfg), (224_000, 224));
+        assert_eq!(resize_target((300, 300), &cfg), (224, 224));
+    }
+
+    #[test]
+    fn center_crop_floors_the_offset_and_pads_small_images_with_black() {
+        let img = RgbImage::from_fn(5, 4, |x, y| ::image::Rgb([x as u8, y as u8, 7]));
+        // top = (4 - 3) // 2 = 0, left = (5 - 2) // 2 = 1.
+        let crop = center_crop(&img, 3, 2);
+        assert_eq!(crop.dimensions(), (2, 3));
+        assert_eq!(crop.get_pixel(0, 0).0, [1, 0, 7]);
+        assert_eq!(crop.get_pixel(1, 2).0, [2, 2, 7]);
+        // Larger than the image: padded by ceil(diff / 2) before, the rest after.
+        let padded = center_crop(&img, 7, 8);
+        assert_eq!(padded.dimensions(), (8, 7));
+        assert_eq!(padded.get_pixel(1, 1).0, [0, 0, 0]);
+        assert_eq!(padded.get_pixel(2, 2).0, [0, 0, 7]);
+        assert_eq!(padded.get_pixel(6, 5).0, [4, 3, 7]);
+        assert_eq!(padded.get_pixel(7, 6).0, [0, 0, 0]);
+    }
+
+    #[test]
+    fn prepared_images_prepare_to_themselves() {
+        let img = RgbImage::from_fn(90, 60, |x, y| ::image::Rgb([x as u8, y as u8, 3]));
+        let cfg = PreprocessConfig {
+            shortest_edge: Some(32),
+            crop_size: Some((30, 30)),
+            ..PreprocessConfig::clip_default()
+        };
+        // 32 > 30: a prepared image would be resized again, so it is not prepared early.
+        assert_eq!(resized_for_model(img.clone(), &cfg).dimensions(), (90, 60));
+        let cfg = PreprocessConfig::clip_default();
+        let early = resized_for_model(img.clone(), &cfg);
+        assert_eq!(early.dimensions(), (224, 224));
+        assert_eq!(pixel_values(&early, &cfg), pixel_values(&img, &cfg));
     }
 
     #[test]

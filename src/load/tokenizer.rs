@@ -91,6 +91,24 @@ impl TextCodec {
         })
     }
 
+    /// This codec, cutting every encoding with special tokens to `max_len`
+    /// ids, special tokens included, as transformers' `tokenizer(text,
+    /// truncation=True, max_length=max_len)` does (the text's end is
+    /// dropped; the start and end tokens stay).
+    pub fn truncating_at(mut self, max_len: usize) -> Result<Self> {
+        let params = tokenizers::TruncationParams {
+            max_length: max_len,
+            ..Default::default()
+        };
+        guarded(|| {
+            self.tokenizer
+                .with_truncation(Some(params))
+                .map(|_| ())
+                .map_err(|e| anyhow::anyhow!("{e}"))
+        })??;
+        Ok(self)
+    }
+
     /// Token ids of `text` with the tokenizer's special tokens (e.g. `[CLS] … [SEP]`).
     pub fn encode_with_special_tokens(&self, text: &str) -> Result<Vec<u32>> {
         let encoding = guarded(|| self.tokenizer.encode(text, true))

@@ -8,4 +8,5 @@
 pub mod bert;
 pub mod blip;
 pub mod blip2;
+pub mod clip;
 pub mod opt;

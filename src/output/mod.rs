@@ -2,11 +2,14 @@
 //! people need to read (errors, notes) goes to stderr elsewhere. Captions
 //! beside their images: [`sidecar`].
 
+pub mod npy;
 pub mod sidecar;
 
 use std::io::{self, Write};
 
 use serde::Serialize;
+
+use crate::captioner::embed::LabelScore;
 
 /// One caption of an image.
 #[derive(Debug, Clone, PartialEq)]
@@ -18,6 +21,9 @@ pub struct CaptionOutput {
     pub rank: Option<usize>,
     /// The beam-search score, when there is one.
     pub score: Option<f32>,
+    /// `--rerank`: the CLIP model's cosine similarity of image and text,
+    /// what the candidates were ranked by.
+    pub clip_score: Option<f32>,
 }
 
 impl From<&str> for CaptionOutput {
@@ -27,6 +33,7 @@ impl From<&str> for CaptionOutput {
             question: None,
             rank: None,
             score: None,
+            clip_score: None,
         }
     }
 }
@@ -63,6 +70,12 @@ pub fn path_bytes(path: &std::path::Path) -> Option<Vec<u8>> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Caption(CaptionOutput),
+    /// Zero-shot labels (`--labels`), best first.
+    Labels(Vec<LabelScore>),
+    /// The image's L2-normalised embedding (`caption embed`).
+    Embedding(Vec<f32>),
+    /// A search result: the image's cosine similarity to the query.
+    Match(f32),
     /// A one-line reason the image produced nothing.
     Error(String),
 }
@@ -93,10 +106,28 @@ pub trait RecordWriter {
     fn finish(&mut self) -> io::Result<()>;
 }
 
+/// What the records of a run hold, which decides the csv and tsv columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Content {
+    /// path,caption,error (or path,question,answer,error).
+    #[default]
+    Captions,
+    /// path,label,score,error: one row per image and label.
+    Labels,
+    /// path,embedding,error: the numbers separated by spaces.
+    Embeddings,
+    /// path,score,error: search results.
+    Matches,
+}
+
 /// The columns of the text, csv and tsv formats, fixed before the first record
 /// (the json formats name every field in each object and ignore this).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TextColumns {
+    pub content: Content,
+    /// Csv and tsv: captions reranked by a CLIP model, with a clip_score
+    /// column after the caption (and rank and score).
+    pub reranked: bool,
     /// Text: print the path before each caption, so a line says which image it
     /// belongs to. Csv and tsv always have a path column.
     pub path: bool,
@@ -136,14 +167,31 @@ impl<W: Write> RecordWriter for TextWriter<W> {
     fn write(&mut self, record: &Record) -> io::Result<()> {
         // Failures are reported on stderr by the caller; the text format has no
         // place for them that a script reading captions would not trip over.
-        let Outcome::Caption(caption) = &record.outcome else {
-            return Ok(());
-        };
-        // One line per record whatever the caption holds.
         let mut fields = Vec::with_capacity(3);
-        if self.columns.path {
+        // Search results always say which image they are.
+        if self.columns.path || matches!(record.outcome, Outcome::Match(_)) {
             fields.push(single_line(&record.path));
         }
+        let caption = match &record.outcome {
+            Outcome::Caption(caption) => caption,
+            Outcome::Error(_) => return Ok(()),
+            Outcome::Labels(labels) => {
+                let Some(best) = labels.first() else {
+                    return Ok(());
+                };
+                fields.push(single_line(&best.label));
+                return self.write_line(&fields);
+            }
+            Outcome::Embedding(embedding) => {
+                fields.push(numbers(embedding));
+                return self.write_line(&fields);
+            }
+            Outcome::Match(score) => {
+                fields.push(score.to_string());
+                return self.write_line(&fields);
+            }
+        };
+        // One line per record whatever the caption holds.
         if let Some(question) = caption
             .question
             .as_deref()
@@ -152,14 +200,30 @@ impl<W: Write> RecordWriter for TextWriter<W> {
             fields.push(single_line(question));
         }
         fields.push(single_line(&caption.text));
-        writeln!(self.out, "{}", fields.join("\t"))?;
-        // Line by line, so a pipe sees each caption as soon as it exists.
-        self.out.flush()
+        self.write_line(&fields)
     }
 
     fn finish(&mut self) -> io::Result<()> {
         self.out.flush()
     }
+}
+
+impl<W: Write> TextWriter<W> {
+    fn write_line(&mut self, fields: &[String]) -> io::Result<()> {
+        writeln!(self.out, "{}", fields.join("\t"))?;
+        // Line by line, so a pipe sees each caption as soon as it exists.
+        self.out.flush()
+    }
+}
+
+/// An embedding as text: its numbers separated by spaces, each written
+/// with the fewest digits that read back to the same f32.
+fn numbers(values: &[f32]) -> String {
+    values
+        .iter()
+        .map(f32::to_string)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 struct JsonlWriter<W> {
@@ -183,31 +247,55 @@ struct JsonRecord<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     score: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    clip_score: Option<f32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    labels: Option<&'a [LabelScore]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    embedding: Option<&'a [f32]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a str>,
 }
 
 impl<'a> From<&'a Record> for JsonRecord<'a> {
     fn from(record: &'a Record) -> Self {
+        let bare = Self {
+            path: &record.path,
+            path_bytes: record.path_bytes.as_deref(),
+            caption: None,
+            question: None,
+            answer: None,
+            rank: None,
+            score: None,
+            clip_score: None,
+            labels: None,
+            embedding: None,
+            error: None,
+        };
         match &record.outcome {
             Outcome::Caption(c) => Self {
-                path: &record.path,
-                path_bytes: record.path_bytes.as_deref(),
                 caption: c.question.is_none().then_some(c.text.as_str()),
                 question: c.question.as_deref(),
                 answer: c.question.is_some().then_some(c.text.as_str()),
                 rank: c.rank,
                 score: c.score,
-                error: None,
+                clip_score: c.clip_score,
+                ..bare
+            },
+            Outcome::Labels(labels) => Self {
+                labels: Some(labels),
+                ..bare
+            },
+            Outcome::Embedding(embedding) => Self {
+                embedding: Some(embedding),
+                ..bare
+            },
+            Outcome::Match(score) => Self {
+                score: Some(*score),
+                ..bare
             },
             Outcome::Error(e) => Self {
-                path: &record.path,
-                path_bytes: record.path_bytes.as_deref(),
-                caption: None,
-                question: None,
-                answer: None,
-                rank: None,
-                score: None,
                 error: Some(e),
+                ..bare
             },
         }
     }
@@ -277,44 +365,74 @@ impl<W: Write> DelimitedWriter<W> {
 
     fn header(&self) -> Vec<&'static str> {
         let mut row = vec!["path"];
-        if self.columns.question {
-            row.extend(["question", "answer"]);
-        } else {
-            row.push("caption");
-        }
-        if self.columns.ranked {
-            row.extend(["rank", "score"]);
+        match self.columns.content {
+            Content::Labels => row.extend(["label", "score"]),
+            Content::Embeddings => row.push("embedding"),
+            Content::Matches => row.push("score"),
+            Content::Captions => {
+                if self.columns.question {
+                    row.extend(["question", "answer"]);
+                } else {
+                    row.push("caption");
+                }
+                if self.columns.ranked {
+                    row.extend(["rank", "score"]);
+                }
+                if self.columns.reranked {
+                    row.push("clip_score");
+                }
+            }
         }
         row.push("error");
         row
     }
 
-    fn row(&self, record: &Record) -> Vec<String> {
-        let mut row = vec![record.path.clone()];
-        let (caption, error) = match &record.outcome {
-            Outcome::Caption(c) => (Some(c), ""),
-            Outcome::Error(e) => (None, e.as_str()),
+    /// The record's rows: one per label for labels, else one.
+    fn rows(&self, record: &Record) -> Vec<Vec<String>> {
+        let path = record.path.clone();
+        let error_row = |reason: &str| {
+            let blanks = self.header().len() - 2;
+            let mut row = vec![path.clone()];
+            row.extend(std::iter::repeat_n(String::new(), blanks));
+            row.push(reason.to_string());
+            row
         };
+        let caption = match &record.outcome {
+            Outcome::Error(e) => return vec![error_row(e)],
+            Outcome::Labels(labels) => {
+                return labels
+                    .iter()
+                    .map(|l| {
+                        vec![
+                            path.clone(),
+                            l.label.clone(),
+                            l.score.to_string(),
+                            String::new(),
+                        ]
+                    })
+                    .collect()
+            }
+            Outcome::Embedding(embedding) => {
+                return vec![vec![path, numbers(embedding), String::new()]]
+            }
+            Outcome::Match(score) => return vec![vec![path, score.to_string(), String::new()]],
+            Outcome::Caption(c) => c,
+        };
+        let optional = |value: Option<String>| value.unwrap_or_default();
+        let mut row = vec![path];
         if self.columns.question {
-            row.push(caption.and_then(|c| c.question.clone()).unwrap_or_default());
+            row.push(optional(caption.question.clone()));
         }
-        row.push(caption.map(|c| c.text.clone()).unwrap_or_default());
+        row.push(caption.text.clone());
         if self.columns.ranked {
-            row.push(
-                caption
-                    .and_then(|c| c.rank)
-                    .map(|r| r.to_string())
-                    .unwrap_or_default(),
-            );
-            row.push(
-                caption
-                    .and_then(|c| c.score)
-                    .map(|s| s.to_string())
-                    .unwrap_or_default(),
-            );
+            row.push(optional(caption.rank.map(|r| r.to_string())));
+            row.push(optional(caption.score.map(|s| s.to_string())));
         }
-        row.push(error.to_string());
-        row
+        if self.columns.reranked {
+            row.push(optional(caption.clip_score.map(|s| s.to_string())));
+        }
+        row.push(String::new());
+        vec![row]
     }
 
     /// Quotes one row into a buffer and writes it whole, so an interrupted run
@@ -343,7 +461,10 @@ impl<W: Write> DelimitedWriter<W> {
 impl<W: Write> RecordWriter for DelimitedWriter<W> {
     fn write(&mut self, record: &Record) -> io::Result<()> {
         self.write_header_once()?;
-        self.write_row(self.row(record))
+        for row in self.rows(record) {
+            self.write_row(row)?;
+        }
+        Ok(())
     }
 
     fn finish(&mut self) -> io::Result<()> {
@@ -369,8 +490,106 @@ mod tests {
             path: several,
             question: true,
             ranked: false,
+            ..TextColumns::default()
         };
         run_with(format, columns, records)
+    }
+
+    fn labelled(path: &str) -> Record {
+        let label = |label: &str, score: f32| LabelScore {
+            label: label.into(),
+            score,
+        };
+        Record {
+            path: path.into(),
+            path_bytes: None,
+            outcome: Outcome::Labels(vec![label("red, car", 0.75), label("cat", 0.25)]),
+        }
+    }
+
+    #[test]
+    fn labels_print_the_best_or_every_label() {
+        let records = [labelled("a.jpg"), error("b.jpg", "not an image")];
+        assert_eq!(run(Format::Text, false, &records[..1]), "red, car\n");
+        assert_eq!(run(Format::Text, true, &records), "a.jpg\tred, car\n");
+        let jsonl = run(Format::Jsonl, true, &records);
+        assert_eq!(
+            jsonl,
+            "{\"path\":\"a.jpg\",\"labels\":[{\"label\":\"red, car\",\"score\":0.75},\
+             {\"label\":\"cat\",\"score\":0.25}]}\n{\"path\":\"b.jpg\",\"error\":\"not an image\"}\n"
+        );
+        let columns = TextColumns {
+            content: Content::Labels,
+            ..TextColumns::default()
+        };
+        let csv = run_with(Format::Csv, columns, &records);
+        assert_eq!(
+            csv,
+            "path,label,score,error\na.jpg,\"red, car\",0.75,\na.jpg,cat,0.25,\nb.jpg,,,not an image\n"
+        );
+    }
+
+    #[test]
+    fn embeddings_and_matches() {
+        let embedding = Record {
+            path: "a.jpg".into(),
+            path_bytes: None,
+            outcome: Outcome::Embedding(vec![0.5, -0.125]),
+        };
+        assert_eq!(
+            run(Format::Text, true, std::slice::from_ref(&embedding)),
+            "a.jpg\t0.5 -0.125\n"
+        );
+        assert_eq!(
+            run(Format::Jsonl, false, std::slice::from_ref(&embedding)),
+            "{\"path\":\"a.jpg\",\"embedding\":[0.5,-0.125]}\n"
+        );
+        let columns = TextColumns {
+            content: Content::Embeddings,
+            ..TextColumns::default()
+        };
+        assert_eq!(
+            run_with(Format::Tsv, columns, &[embedding]),
+            "path\tembedding\terror\na.jpg\t0.5 -0.125\t\n"
+        );
+        let hit = Record {
+            path: "b.png".into(),
+            path_bytes: None,
+            outcome: Outcome::Match(0.3125),
+        };
+        // A search result names its image even when it is the only one.
+        assert_eq!(
+            run(Format::Text, false, std::slice::from_ref(&hit)),
+            "b.png\t0.3125\n"
+        );
+        assert_eq!(
+            run(Format::Jsonl, false, &[hit]),
+            "{\"path\":\"b.png\",\"score\":0.3125}\n"
+        );
+    }
+
+    #[test]
+    fn reranked_captions_carry_their_clip_score() {
+        let record = Record {
+            path: "a.jpg".into(),
+            path_bytes: None,
+            outcome: Outcome::Caption(CaptionOutput {
+                clip_score: Some(0.25),
+                ..CaptionOutput::from("a dog")
+            }),
+        };
+        assert_eq!(
+            run(Format::Jsonl, false, std::slice::from_ref(&record)),
+            "{\"path\":\"a.jpg\",\"caption\":\"a dog\",\"clip_score\":0.25}\n"
+        );
+        let columns = TextColumns {
+            reranked: true,
+            ..TextColumns::default()
+        };
+        assert_eq!(
+            run_with(Format::Csv, columns, &[record]),
+            "path,caption,clip_score,error\na.jpg,a dog,0.25,\n"
+        );
     }
 
     fn run_with(format: Format, columns: TextColumns, records: &[Record]) -> String {
@@ -493,6 +712,7 @@ mod tests {
             outcome: Outcome::Caption(CaptionOutput {
                 rank: Some(rank),
                 score: Some(score),
+                clip_score: None,
                 ..CaptionOutput::from(text)
             }),
         }
@@ -674,6 +894,7 @@ mod tests {
                 question: Some("what?".into()),
                 rank: Some(1),
                 score: None,
+                clip_score: None,
                 text: "a cat".into(),
             }),
         };

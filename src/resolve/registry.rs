@@ -24,6 +24,9 @@ pub enum Family {
     /// answers questions through a prompt template, converses.
     #[serde(rename = "blip2-opt")]
     Blip2Opt,
+    /// `CLIPModel`: image and text embeddings in one space (labels, search,
+    /// reranking); no text generation.
+    Clip,
 }
 
 impl Family {
@@ -38,6 +41,8 @@ impl Family {
             Self::Blip | Self::BlipVqa => false,
             // Also hands over, to the language model built from text_config.
             Self::Blip2Opt => false,
+            // Generates nothing.
+            Self::Clip => false,
         }
     }
 
@@ -47,6 +52,7 @@ impl Family {
             "BlipForConditionalGeneration" => Some(Self::Blip),
             "BlipForQuestionAnswering" => Some(Self::BlipVqa),
             "Blip2ForConditionalGeneration" => Some(Self::Blip2Opt),
+            "CLIPModel" => Some(Self::Clip),
             _ => None,
         })
     }
@@ -60,6 +66,8 @@ pub enum Task {
     Vqa,
     /// Captions, answers `--ask` questions and holds a conversation (`caption chat`).
     Chat,
+    /// Embeds images and texts: `--labels`, `caption embed`, `caption search`, `--rerank`.
+    Embed,
 }
 
 impl std::fmt::Display for Family {
@@ -68,6 +76,7 @@ impl std::fmt::Display for Family {
             Self::Blip => "blip",
             Self::BlipVqa => "blip-vqa",
             Self::Blip2Opt => "blip2-opt",
+            Self::Clip => "clip",
         })
     }
 }
@@ -78,6 +87,7 @@ impl std::fmt::Display for Task {
             Self::Caption => "caption",
             Self::Vqa => "vqa",
             Self::Chat => "chat",
+            Self::Embed => "embed",
         })
     }
 }
