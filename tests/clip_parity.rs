@@ -266,3 +266,34 @@ fn search_rankings_are_identical() {
         }
     }
 }
+
+/// bf16 weights and activations (`--dtype bf16`) keep 8 bits of mantissa:
+/// each value is off by up to 0.4%, and a few layers of that leave an
+/// embedding pointing within a few thousandths of a radian of the f32 one.
+/// A cosine above 0.995 to transformers' f32 embedding holds for every
+/// recorded image; a wrong layer in the bf16 path (a dtype mix-up, an
+/// unconverted bias) falls far below it.
+#[test]
+fn bf16_embeddings_point_where_f32_ones_do() {
+    for name in MODELS {
+        let folder = common::fixtures().join("models").join(name);
+        let files = hub::fetch(&ModelSource::Folder(folder)).unwrap();
+        let runtime = RuntimeOptions {
+            device: common::device(),
+            dtype: Some(candle_core::DType::BF16),
+            ..RuntimeOptions::default()
+        };
+        let embedder = Embedder::load(&files, &runtime).unwrap();
+        let f = fixture(name);
+        for image in &f.reference.images {
+            let pixels = f.tensors[&format!("pixel_values.{image}")]
+                .to_device(&common::device())
+                .unwrap();
+            let ours = row(&l2_normalised(&embedder.image_features(&pixels).unwrap()).unwrap());
+            let theirs = row(&f.tensors[&format!("image_embeds.{image}")]);
+            let norm = theirs.iter().map(|v| v * v).sum::<f64>().sqrt();
+            let cosine: f64 = ours.iter().zip(&theirs).map(|(a, b)| a * b).sum::<f64>() / norm;
+            assert!(cosine > 0.995, "{name} {image}: cosine {cosine}");
+        }
+    }
+}
