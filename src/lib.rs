@@ -1,5 +1,6 @@
 //! `caption`: caption images and answer questions about them with BLIP and
-//! BLIP-2, run natively with candle, with the same results as transformers.
+//! BLIP-2, label, embed and search them with CLIP, run natively with candle,
+//! with the same results as transformers.
 //!
 //! Open a model by alias, Hub id or folder and caption pictures with the
 //! model's own decoding defaults:
@@ -12,6 +13,27 @@
 //! let captioner = Captioner::open("demo", &Options::default())?;
 //! let captions = captioner.caption_paths(["examples/shapes_1.png"])?;
 //! assert_eq!(captions[0][0].text, "a small yellow square on a gray background");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A CLIP model ([`Embedder`]) scores labels and embeds images and texts:
+//!
+//! ```
+//! use caption::{Embedder, RuntimeOptions};
+//!
+//! # fn main() -> anyhow::Result<()> {
+//! let clip = Embedder::open("demo-clip", &RuntimeOptions::default())?;
+//! let image = caption::image::load_rgb8(
+//!     std::path::Path::new("examples/shapes_4.png"),
+//!     &Default::default(),
+//! )?;
+//! let labels = clip.label_set(
+//!     &["circle".into(), "square".into(), "triangle".into()],
+//!     caption::captioner::embed::DEFAULT_LABEL_TEMPLATE,
+//! )?;
+//! let scores = clip.score_labels(&clip.embed_images(&[image])?, &labels)?;
+//! assert_eq!(scores[0][0].label, "circle");
 //! # Ok(())
 //! # }
 //! ```
