@@ -59,7 +59,7 @@ pub mod nn;
 pub mod output;
 pub mod resolve;
 
-pub use captioner::blip2::{Conversation, Reply, Turn};
+pub use captioner::chat::{Conversation, Reply, Turn};
 pub use captioner::embed::{Embedder, LabelScore, TextSet};
 pub use captioner::{Answer, Caption, CaptionRequest, Captioner, Options, RuntimeOptions};
 

@@ -3,7 +3,7 @@
     python tools/make_full_size_models.py [--out bench/models] [--only NAME ...]
 
 Each model has a real checkpoint's config (BLIP-base, BLIP-large, BLIP-2
-OPT-2.7b, CLIP ViT-B/32, CLIP ViT-L/14), so its compute and memory are exactly
+OPT-2.7b, CLIP ViT-B/32, CLIP ViT-L/14, LLaVA-1.5-7b), so its compute and memory are exactly
 the real model's, with random weights. Tensors are written shard by shard straight from numpy, so building
 the 3.7B-parameter BLIP-2 needs about one shard of RAM, not the model's 15 GB:
 the tensor names and shapes come from transformers building the model on the
@@ -16,7 +16,9 @@ take only the tokenizer from tests/fixtures/models/clip-tiny (its ids are all
 below 794, the real vocabulary has 49408; model_max_length set to the 77
 positions) and get the image processor openai's repositories have, a legacy
 preprocessor_config.json: shortest edge 224, centre crop 224, bicubic, CLIP's
-mean and std.
+mean and std. LLaVA-1.5-7b (7.06 B parameters) is written in bfloat16
+(14 GB), with the tiny LLaVA fixture's tokenizer and chat template and
+llava-hf's 336-pixel CLIP preprocessor and processor settings.
 """
 
 import argparse
@@ -28,8 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.numpy import save_file
+from safetensors.torch import save_file as save_torch_file
 from transformers import (Blip2Config, Blip2ForConditionalGeneration, BlipConfig, BlipForConditionalGeneration,
-                          CLIPConfig, CLIPModel)
+                          CLIPConfig, CLIPModel, LlavaConfig, LlavaForConditionalGeneration)
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures" / "models"
@@ -113,13 +116,50 @@ CLIP_PREPROCESSOR = {
     "size": 224,
 }
 
+def llava_1_5_7b():
+    """llava-hf/llava-1.5-7b-hf's config: CLIP ViT-L/14-336 read at layer -2,
+    Vicuna-7B (Llama-2-7B's shapes, 32064 tokens, 4096 positions)."""
+    vision = dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                  num_attention_heads=16, image_size=336, patch_size=14, hidden_act="quick_gelu",
+                  layer_norm_eps=1e-5, projection_dim=768)
+    text = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096,
+                rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=32001)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, image_seq_length=576,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default",
+                       architectures=["LlavaForConditionalGeneration"])
+
+
+# llava-hf/llava-1.5-7b-hf's preprocessor_config.json: CLIP at 336 pixels.
+LLAVA_PREPROCESSOR = {
+    "crop_size": {"height": 336, "width": 336},
+    "do_center_crop": True,
+    "do_convert_rgb": True,
+    "do_normalize": True,
+    "do_rescale": True,
+    "do_resize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_processor_type": "CLIPImageProcessor",
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "processor_class": "LlavaProcessor",
+    "resample": 3,
+    "rescale_factor": 0.00392156862745098,
+    "size": {"shortest_edge": 336},
+}
+
 MODELS = {
     "blip-base": (blip_base, BlipForConditionalGeneration, "blip-tiny"),
     "blip-large": (blip_large, BlipForConditionalGeneration, "blip-tiny"),
     "blip2-opt-2.7b": (blip2_opt_2_7b, Blip2ForConditionalGeneration, "blip2-opt-tiny"),
     "clip-vit-base-patch32": (clip_vit_base_patch32, CLIPModel, "clip-tiny"),
     "clip-vit-large-patch14": (clip_vit_large_patch14, CLIPModel, "clip-tiny"),
+    "llava-1.5-7b": (llava_1_5_7b, LlavaForConditionalGeneration, "llava-tiny"),
 }
+
+# Written in bfloat16, as the published checkpoint's float16 halves it (14 GB
+# instead of 28): what a user with a 7B model runs, and what fits beside
+# transformers' copy in a 24 GB machine one at a time.
+BF16_MODELS = {"llava-1.5-7b"}
 
 
 def tensor_specs(config, cls):
@@ -166,6 +206,8 @@ def write(name, out_root):
     out.mkdir(parents=True)
     rng = np.random.default_rng(0)
     specs = tensor_specs(config, cls)
+    bf16 = name in BF16_MODELS
+    element_bytes = 2 if bf16 else 4
     weight_map, shard, shard_bytes, shards = {}, {}, 0, []
 
     def flush():
@@ -173,7 +215,11 @@ def write(name, out_root):
         if shard:
             shards.append(shard)
             file = f"part-{len(shards):05d}.safetensors"
-            save_file(shard, str(out / file), metadata={"format": "pt"})
+            if bf16:
+                save_torch_file({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in shard.items()},
+                                str(out / file), metadata={"format": "pt"})
+            else:
+                save_file(shard, str(out / file), metadata={"format": "pt"})
             for key in shard:
                 weight_map[key] = file
             shard, shard_bytes = {}, 0
@@ -182,10 +228,11 @@ def write(name, out_root):
     for tensor_name, shape in specs:
         array = values(rng, tensor_name, shape)
         total += array.size
-        if shard_bytes + array.nbytes > SHARD_BYTES:
+        nbytes = array.size * element_bytes
+        if shard_bytes + nbytes > SHARD_BYTES:
             flush()
         shard[tensor_name] = array
-        shard_bytes += array.nbytes
+        shard_bytes += nbytes
     flush()
     # Name the shards as save_pretrained does.
     n = len(shards)
@@ -195,15 +242,27 @@ def write(name, out_root):
         new = f"model-{i:05d}-of-{n:05d}.safetensors"
         old.rename(out / new)
         renamed[f"part-{i:05d}.safetensors"] = new
-    index = {"metadata": {"total_size": total * 4}, "weight_map": {k: renamed[v] for k, v in weight_map.items()}}
+    index = {"metadata": {"total_size": total * element_bytes}, "weight_map": {k: renamed[v] for k, v in weight_map.items()}}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     is_clip = isinstance(config, CLIPConfig)
+    is_llava = isinstance(config, LlavaConfig)
     # CLIP takes only the fixture's tokenizer: its processor is the tiny model's size.
     wanted = ("tokenizer", "special_tokens", "vocab", "merges") if is_clip else (
         "tokenizer", "processor", "preprocessor", "special_tokens", "vocab")
     for f in (FIXTURES / fixture).iterdir():
         if f.name.startswith(wanted):
             shutil.copy(f, out / f.name)
+    if is_llava:
+        shutil.copy(FIXTURES / fixture / "chat_template.jinja", out / "chat_template.jinja")
+        (out / "preprocessor_config.json").write_text(json.dumps(LLAVA_PREPROCESSOR, indent=2) + "\n")
+        processor = {"image_token": "<image>", "num_additional_image_tokens": 1, "patch_size": 14,
+                     "processor_class": "LlavaProcessor", "vision_feature_select_strategy": "default"}
+        (out / "processor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
+        # The fixture's small vocabulary: its <image> and <pad> ids stand in
+        # for the real 32000 and 32001 (the model's 32064 rows cover both).
+        added = json.loads((out / "tokenizer.json").read_text())["added_tokens"]
+        config.text_config.pad_token_id = next(t["id"] for t in added if t["content"] == "<pad>")
+        config.dtype = "bfloat16"
     if is_clip:
         (out / "preprocessor_config.json").write_text(json.dumps(CLIP_PREPROCESSOR, indent=2) + "\n")
         tokenizer_config = out / "tokenizer_config.json"
@@ -216,7 +275,7 @@ def write(name, out_root):
         config.image_token_index = next(t["id"] for t in added if t["content"] == "<image>")
     config.save_pretrained(out)
     processor = out / "processor_config.json"
-    if processor.exists():
+    if processor.exists() and not is_llava:
         cfg = json.loads(processor.read_text())
         size = config.vision_config.image_size
         image = cfg.get("image_processor", cfg)

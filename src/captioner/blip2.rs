@@ -14,7 +14,8 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
-use super::{on_pool, Caption, Captioner};
+pub use super::chat::Turn;
+use super::Caption;
 use crate::generate::{self, Decoder, GenerationConfig, Limits, DEFAULT_MAX_NEW_TOKENS};
 use crate::load::tokenizer::TextCodec;
 use crate::models::blip2::Blip2ForConditionalGeneration;
@@ -86,21 +87,7 @@ pub fn generate_continuations(
         &limits,
         generation,
     )?;
-    hypotheses
-        .into_iter()
-        .map(|per_row| {
-            per_row
-                .into_iter()
-                .map(|h| {
-                    Ok(Caption {
-                        text: codec.decode(&h.ids[prompt_len..])?.trim().to_string(),
-                        ids: h.ids,
-                        score: h.score,
-                    })
-                })
-                .collect()
-        })
-        .collect()
+    super::captions_of(codec, hypotheses, super::Text::After(prompt_len))
 }
 
 /// The OPT language model as the generation loop sees it. The projected
@@ -140,13 +127,6 @@ impl Decoder for OptDecoder<'_> {
     }
 }
 
-/// One question and its answer, kept for the next turns' prompt.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Turn {
-    pub question: String,
-    pub answer: String,
-}
-
 /// The prompt of a conversation: the earlier turns, each written as the
 /// template filled with its question, the answer and a full stop, then the
 /// new question's template, joined by spaces. With the default template:
@@ -170,102 +150,4 @@ pub fn conversation_prompt(template: &str, turns: &[Turn], question: &str) -> St
 /// How many new tokens a reply may take, to reserve room for it.
 pub fn reply_budget(generation: &GenerationConfig) -> usize {
     generation.max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS)
-}
-
-/// A conversation about one image: the image is encoded once, and every
-/// question is asked with the earlier turns in the prompt.
-pub struct Conversation<'c> {
-    captioner: &'c Captioner,
-    model: &'c Blip2ForConditionalGeneration,
-    /// The image's projected queries, `[1, queries, hidden]`.
-    queries: Tensor,
-    turns: Vec<Turn>,
-    asked: u64,
-}
-
-/// What one question got.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Reply {
-    /// The best answer (and more with `num_return_sequences`).
-    pub answers: Vec<Caption>,
-    /// How many of the oldest turns were dropped from the prompt to make room
-    /// for this one within the model's context.
-    pub forgotten: usize,
-}
-
-impl Captioner {
-    /// Starts a conversation about `image` (BLIP-2 models only).
-    pub fn conversation(&self, image: &image::RgbImage) -> Result<Conversation<'_>> {
-        let model = self.blip2_model()?;
-        let pixel_values = self.pixel_values(std::slice::from_ref(image))?;
-        let image_embeds = self.image_embeds(&pixel_values)?;
-        Ok(Conversation {
-            captioner: self,
-            model,
-            queries: model.language_model_inputs(&image_embeds)?,
-            turns: Vec::new(),
-            asked: 0,
-        })
-    }
-}
-
-impl Conversation<'_> {
-    /// Asks `question` with the conversation so far in the prompt. When the
-    /// prompt and the reply would not fit in the model's context, the oldest
-    /// turns are dropped for good (the reply says how many). `stream` seeds
-    /// sampling; each question draws from its own sub-stream of it.
-    pub fn ask(
-        &mut self,
-        question: &str,
-        stream: u64,
-        generation: &GenerationConfig,
-    ) -> Result<Reply> {
-        on_pool(|| {
-            anyhow::ensure!(!question.trim().is_empty(), "the question is empty");
-            let room = self.model.max_text_positions();
-            let needed = |prompt: &str| -> Result<usize> {
-                let ids = prompt_ids(self.model, &self.captioner.codec, Some(prompt))?;
-                Ok(ids.len().saturating_add(reply_budget(generation)))
-            };
-            let template = &self.captioner.question_template;
-            let mut forgotten = 0;
-            let prompt = loop {
-                let prompt = conversation_prompt(template, &self.turns[forgotten..], question);
-                if needed(&prompt)? <= room {
-                    break prompt;
-                }
-                anyhow::ensure!(
-                forgotten < self.turns.len(),
-                "the question is too long: with room for a {}-token reply it does not fit in the \
-                 model's {room} text positions",
-                reply_budget(generation)
-            );
-                forgotten += 1;
-            };
-            self.turns.drain(..forgotten);
-            let streams = [stream ^ self.asked.wrapping_mul(0x9E37_79B9_7F4A_7C15)];
-            self.asked += 1;
-            let answers = generate_continuations(
-                self.model,
-                &self.captioner.codec,
-                &self.queries,
-                Some(&prompt),
-                &streams,
-                generation,
-            )?
-            .pop()
-            .expect("one row of answers per image");
-            self.captioner.check_weights()?;
-            self.turns.push(Turn {
-                question: question.trim().to_string(),
-                answer: answers[0].text.clone(),
-            });
-            Ok(Reply { answers, forgotten })
-        })
-    }
-
-    /// The turns the next question's prompt will carry.
-    pub fn turns(&self) -> &[Turn] {
-        &self.turns
-    }
 }

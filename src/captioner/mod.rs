@@ -2,7 +2,9 @@
 //! the library's main entry point.
 
 pub mod blip2;
+pub mod chat;
 pub mod embed;
+pub mod llava;
 mod open;
 
 pub use open::{parse_device, Options};
@@ -15,6 +17,7 @@ use candle_core::{DType, Device, Tensor};
 
 use crate::generate::{self, Decoder, GenerationConfig, GenerationDefaults, Limits};
 use crate::image::PreprocessConfig;
+use crate::load::chat_template::ChatTemplate;
 use crate::load::tokenizer::TextCodec;
 use crate::load::weight_cache::{self, WeightCache};
 use crate::load::weights;
@@ -22,6 +25,7 @@ use crate::models::blip::{
     BlipConfig, BlipForConditionalGeneration, BlipForQuestionAnswering, DecoderState, TextDecoder,
 };
 use crate::models::blip2::{Blip2Config, Blip2ForConditionalGeneration};
+use crate::models::llava::{LlavaConfig, LlavaForConditionalGeneration};
 use crate::nn::{packing_settings, LinearOptions};
 pub use crate::nn::{QuantFormat, Quantization};
 use crate::resolve::hub::{ModelFiles, ModelSource};
@@ -86,6 +90,9 @@ enum Model {
     Vqa(BlipForQuestionAnswering),
     /// BLIP-2: captions, answers through a question template, and converses.
     Blip2(Box<Blip2ForConditionalGeneration>),
+    /// LLaVA: captions by an instruction, answers and converses through its
+    /// chat template.
+    Llava(Box<LlavaForConditionalGeneration>),
 }
 
 /// One question about one image, answered.
@@ -112,6 +119,10 @@ pub struct Captioner {
     question_template: String,
     /// What the weight cache did at load, when there was one.
     weight_cache: Option<weight_cache::Outcome>,
+    /// LLaVA: the checkpoint's chat template.
+    chat_template: Option<ChatTemplate>,
+    /// LLaVA: what captioning asks the model (models.toml's `instruction`).
+    instruction: String,
 }
 
 impl Captioner {
@@ -137,8 +148,9 @@ impl Captioner {
             Some(family) => family,
             None => anyhow::bail!(
                 "{} is a {}; this version runs BlipForConditionalGeneration (captioning), \
-                 BlipForQuestionAnswering (VQA), Blip2ForConditionalGeneration (BLIP-2 OPT) \
-                 and CLIPModel (labels, embeddings, search) models",
+                 BlipForQuestionAnswering (VQA), Blip2ForConditionalGeneration (BLIP-2 OPT), \
+                 LlavaForConditionalGeneration (LLaVA with Llama) and CLIPModel (labels, \
+                 embeddings, search) models",
                 files.source,
                 architectures_of(&config_json)
             ),
@@ -152,6 +164,10 @@ impl Captioner {
                 Blip2Config::from_json(&config_text)
                     .with_context(|| format!("reading {}", files.config.display()))?,
             ),
+            Family::Llava => ParsedConfig::Llava(
+                LlavaConfig::from_json(&config_text)
+                    .with_context(|| format!("reading {}", files.config.display()))?,
+            ),
             Family::Clip => unreachable!("refused above"),
         };
         if runtime.quantization.is_some() {
@@ -162,17 +178,38 @@ impl Captioner {
             );
         }
         let dtype = model_dtype(runtime, &config_json);
+        check_memory(files, runtime, dtype)?;
         let pack_cache = open_pack_cache(files, runtime, dtype, &config_text)?;
         parsed.set_linear_options(LinearOptions {
             quantization: runtime.quantization,
             weight_cache: pack_cache.clone(),
         });
-        let preprocess = load_preprocess_config(&files.image_processor)?;
+        let preprocess = match family {
+            Family::Llava => llava_preprocess_config(&files.image_processor)?,
+            _ => load_preprocess_config(&files.image_processor)?,
+        };
         check_image_size(&preprocess, parsed.image_size(), &files.image_processor)?;
         let codec = TextCodec::load(&files.tokenizer, files.tokenizer_config.as_deref())?;
         let mut notes = match &parsed {
             ParsedConfig::Blip(config) => config.filled_gaps.clone(),
-            ParsedConfig::Blip2(_) => vec![],
+            ParsedConfig::Blip2(_) | ParsedConfig::Llava(_) => vec![],
+        };
+        let chat_template = match family {
+            Family::Llava => Some(
+                ChatTemplate::find(
+                    files.chat_template.as_deref(),
+                    files.processor_config.as_deref(),
+                    files.tokenizer_config.as_deref(),
+                )?
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "{} has no chat template (chat_template.jinja, chat_template.json, or \
+                             a chat_template in processor_config.json or tokenizer_config.json)",
+                        files.source
+                    )
+                })?,
+            ),
+            _ => None,
         };
         let generation_defaults = match &files.generation_config {
             Some(path) => {
@@ -208,6 +245,9 @@ impl Captioner {
                 (_, ParsedConfig::Blip2(config)) => Model::Blip2(Box::new(
                     Blip2ForConditionalGeneration::new(config, vb).with_context(context)?,
                 )),
+                (_, ParsedConfig::Llava(config)) => Model::Llava(Box::new(
+                    LlavaForConditionalGeneration::new(config, vb).with_context(context)?,
+                )),
                 (_, ParsedConfig::Blip(_)) => {
                     unreachable!("BLIP configs are parsed for BLIP families")
                 }
@@ -225,6 +265,8 @@ impl Captioner {
             notes,
             question_template: blip2::DEFAULT_QUESTION_TEMPLATE.to_string(),
             weight_cache,
+            chat_template,
+            instruction: llava::DEFAULT_INSTRUCTION.to_string(),
         })
     }
 
@@ -237,6 +279,29 @@ impl Captioner {
         );
         self.question_template = template.to_string();
         Ok(())
+    }
+
+    /// Sets what a LLaVA model is asked when it captions (models.toml's
+    /// `instruction`).
+    pub fn set_instruction(&mut self, instruction: &str) -> Result<()> {
+        anyhow::ensure!(
+            !instruction.trim().is_empty(),
+            "the captioning instruction is empty"
+        );
+        self.instruction = instruction.to_string();
+        Ok(())
+    }
+
+    /// LLaVA: the model, tokenizer and chat template that make its prompts.
+    pub fn prompter(&self) -> Result<llava::Prompter<'_>> {
+        match (&self.model, &self.chat_template) {
+            (Model::Llava(model), Some(template)) => Ok(llava::Prompter {
+                model,
+                codec: &self.codec,
+                template,
+            }),
+            _ => anyhow::bail!("this is not a LLaVA model"),
+        }
     }
 
     /// Decoding defaults from the checkpoint's generation_config.json, where
@@ -259,6 +324,11 @@ impl Captioner {
         self.weight_cache.as_ref()
     }
 
+    /// Where the model runs.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     pub fn preprocess_config(&self) -> &PreprocessConfig {
         &self.preprocess
     }
@@ -275,6 +345,11 @@ impl Captioner {
                 Model::Caption(m) => &m.vision_model,
                 Model::Vqa(m) => &m.vision_model,
                 Model::Blip2(m) => &m.vision_model,
+                // LLaVA's "image embeddings" are its projected features, what
+                // the language model reads.
+                Model::Llava(m) => {
+                    return Ok(m.image_features(&pixel_values.to_dtype(self.dtype)?)?)
+                }
             };
             Ok(vision.forward(&pixel_values.to_dtype(self.dtype)?)?)
         })
@@ -292,14 +367,16 @@ impl Captioner {
 
     /// Whether this model can hold a conversation (`caption chat`).
     pub fn converses(&self) -> bool {
-        matches!(self.model, Model::Blip2(_))
+        matches!(self.model, Model::Blip2(_) | Model::Llava(_))
     }
 
     fn config(&self) -> Result<&BlipConfig> {
         match &self.model {
             Model::Caption(m) => Ok(&m.config),
             Model::Vqa(m) => Ok(&m.config),
-            Model::Blip2(_) => anyhow::bail!("a BLIP-2 model has no BLIP text decoder"),
+            Model::Blip2(_) | Model::Llava(_) => {
+                anyhow::bail!("this model has no BLIP text decoder")
+            }
         }
     }
 
@@ -309,7 +386,9 @@ impl Captioner {
             Model::Vqa(_) => anyhow::bail!(
                 "this is a question-answering model: ask it something with --ask, or caption with a captioning model"
             ),
-            Model::Blip2(_) => anyhow::bail!("a BLIP-2 model captions through its language model"),
+            Model::Blip2(_) | Model::Llava(_) => {
+                anyhow::bail!("this model captions through its language model")
+            }
         }
     }
 
@@ -319,14 +398,16 @@ impl Captioner {
             Model::Caption(_) => anyhow::bail!(
                 "this is a captioning model and cannot answer questions: use a VQA model such as blip-vqa-base"
             ),
-            Model::Blip2(_) => anyhow::bail!("a BLIP-2 model answers through its question template"),
+            Model::Blip2(_) | Model::Llava(_) => {
+                anyhow::bail!("this model answers through its language model")
+            }
         }
     }
 
     fn blip2_model(&self) -> Result<&Blip2ForConditionalGeneration> {
         match &self.model {
             Model::Blip2(m) => Ok(m),
-            _ => anyhow::bail!("this is a BLIP model, not BLIP-2: it cannot hold a conversation"),
+            _ => anyhow::bail!("this is not a BLIP-2 model"),
         }
     }
 
@@ -382,6 +463,15 @@ impl Captioner {
         request: &CaptionRequest,
     ) -> Result<Vec<Vec<Caption>>> {
         on_pool(|| {
+            if let Model::Llava(_) = &self.model {
+                let prompter = self.prompter()?;
+                let prompt = match request.prompt.as_deref() {
+                    // Raw text, `<image>` where the picture goes.
+                    Some(raw) => prompter.ids(raw)?,
+                    None => prompter.question_ids(&self.instruction)?,
+                };
+                return prompter.generate(image_embeds, &prompt, streams, &request.generation);
+            }
             if let Model::Blip2(model) = &self.model {
                 return blip2::generate_continuations(
                     model,
@@ -441,6 +531,20 @@ impl Captioner {
             let batch = image_embeds.dim(0)?;
             anyhow::ensure!(streams.len() == batch, "one random stream per image");
             let mut per_image: Vec<Vec<Answer>> = vec![Vec::with_capacity(questions.len()); batch];
+            if let Model::Llava(_) = &self.model {
+                let prompter = self.prompter()?;
+                for (j, question) in questions.iter().enumerate() {
+                    let prompt = prompter.question_ids(question)?;
+                    let answers = prompter.generate(
+                        image_embeds,
+                        &prompt,
+                        &question_streams(streams, j),
+                        generation,
+                    )?;
+                    push_answers(&mut per_image, question, answers);
+                }
+                return Ok(per_image);
+            }
             if let Model::Blip2(model) = &self.model {
                 // The images are encoded once for all the questions.
                 let queries = model.language_model_inputs(image_embeds)?;
@@ -528,21 +632,7 @@ impl Captioner {
             device: self.device.clone(),
         };
         let hypotheses = generate::generate(&mut decoder, &prompts, streams, &limits, generation)?;
-        hypotheses
-            .into_iter()
-            .map(|per_row| {
-                per_row
-                    .into_iter()
-                    .map(|h| {
-                        Ok(Caption {
-                            text: self.codec.decode(&h.ids)?,
-                            ids: h.ids,
-                            score: h.score,
-                        })
-                    })
-                    .collect()
-            })
-            .collect()
+        captions_of(&self.codec, hypotheses, Text::Whole)
     }
 
     /// The decoder's starting tokens. Without a prompt: `[DEC]` alone. With one,
@@ -585,11 +675,44 @@ impl Captioner {
                 Model::Caption(m) => (&m.text_decoder, m.decoder_state(states)?),
                 Model::Vqa(m) => (&m.text_decoder, m.decoder_state(states)?),
                 Model::Blip2(_) => unreachable!("handled above"),
+                Model::Llava(_) => anyhow::bail!("LLaVA's logits come from its prompter"),
             };
             let input_ids = Tensor::new(vec![prompt; batch], &self.device)?;
             Ok(text_decoder.forward(&input_ids, &mut state)?)
         })
     }
+}
+
+/// Which text of a generated sequence a [`Caption`] shows.
+pub(crate) enum Text {
+    /// All of it, prompt included, as BLIP's `decode(ids)` prints it.
+    Whole,
+    /// The tokens after the prompt's first `n`, decoded and stripped, as
+    /// language-model captioners print `batch_decode(new_ids)`.
+    After(usize),
+}
+
+/// Per row, the captions of generated hypotheses.
+pub(crate) fn captions_of(
+    codec: &TextCodec,
+    hypotheses: Vec<Vec<generate::Hypothesis>>,
+    text: Text,
+) -> Result<Vec<Vec<Caption>>> {
+    let caption = |h: generate::Hypothesis| -> Result<Caption> {
+        let text = match text {
+            Text::Whole => codec.decode(&h.ids)?,
+            Text::After(n) => codec.decode(&h.ids[n..])?.trim().to_string(),
+        };
+        Ok(Caption {
+            text,
+            ids: h.ids,
+            score: h.score,
+        })
+    };
+    hypotheses
+        .into_iter()
+        .map(|per_row| per_row.into_iter().map(caption).collect())
+        .collect()
 }
 
 /// Question j's random stream for each image: the image's stream mixed with
@@ -637,6 +760,7 @@ fn model_dtype(runtime: &RuntimeOptions, config_json: &serde_json::Value) -> DTy
 enum ParsedConfig {
     Blip(BlipConfig),
     Blip2(Blip2Config),
+    Llava(LlavaConfig),
 }
 
 impl ParsedConfig {
@@ -652,6 +776,10 @@ impl ParsedConfig {
                 config.qformer_config.linear = options.clone();
                 config.text_config.linear = options;
             }
+            Self::Llava(config) => {
+                config.vision_config.linear = options.clone();
+                config.text_config.linear = options;
+            }
         }
     }
 
@@ -660,6 +788,7 @@ impl ParsedConfig {
         match self {
             Self::Blip(config) => config.vision_config.image_size,
             Self::Blip2(config) => config.vision_config.image_size,
+            Self::Llava(config) => config.vision_config.image_size,
         }
     }
 }
@@ -769,6 +898,45 @@ fn pack_cache_note(outcome: &weight_cache::Outcome) -> Option<String> {
             .map(|why| format!(", replacing the file there ({why})"))
             .unwrap_or_default()
     ))
+}
+
+/// Stops before loading a model that would not fit in the memory this
+/// machine has available (CPU only; see [`crate::load::memory`]).
+fn check_memory(files: &ModelFiles, runtime: &RuntimeOptions, dtype: DType) -> Result<()> {
+    use crate::load::memory;
+    if !runtime.device.is_cpu() || std::env::var_os(memory::IGNORE_ENV).is_some() {
+        return Ok(());
+    }
+    let Some(available) = memory::available_bytes() else {
+        return Ok(());
+    };
+    // A checkpoint whose headers cannot be read is reported, naming the
+    // file, by the load that follows.
+    let Ok(count) = memory::ParameterCount::of(&files.weights) else {
+        return Ok(());
+    };
+    let format = match runtime.quantization.map(|q| q.format) {
+        None => memory::LinearFormat::Dense,
+        Some(QuantFormat::Q8_0) => memory::LinearFormat::Q8_0,
+        Some(QuantFormat::Q4K) => memory::LinearFormat::Q4K,
+    };
+    memory::check_fits(&files.source.to_string(), count, dtype, format, available)
+}
+
+/// LLaVA-1.5's image processor: `CLIPImageProcessor` (or `LlavaImageProcessor`
+/// without its square padding).
+fn llava_preprocess_config(path: &Path) -> Result<PreprocessConfig> {
+    let text = read(path)?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let section = json.get("image_processor").unwrap_or(&json);
+    anyhow::ensure!(
+        section.get("do_pad").and_then(serde_json::Value::as_bool) != Some(true),
+        "{} pads images to a square before resizing (do_pad); not supported yet",
+        path.display()
+    );
+    PreprocessConfig::clip_from_json_str(&section.to_string())
+        .with_context(|| format!("reading {}", path.display()))
 }
 
 fn load_preprocess_config(path: &Path) -> Result<PreprocessConfig> {

@@ -44,6 +44,9 @@ impl Captioner {
             if let Some(template) = entry.question_template.as_deref() {
                 captioner.set_question_template(template)?;
             }
+            if let Some(instruction) = entry.instruction.as_deref() {
+                captioner.set_instruction(instruction)?;
+            }
             captioner.alias_generation = entry.generation.clone();
         }
         Ok(captioner)

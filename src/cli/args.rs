@@ -38,8 +38,8 @@ pub struct Cli {
 pub enum Command {
     /// List the model aliases, and whether each is already in the local cache.
     Models,
-    /// Talk about one image with a BLIP-2 model: questions are read from stdin
-    /// line by line, each answered with the conversation so far in the prompt.
+    /// Talk about one image with a BLIP-2 or LLaVA model: questions are read from
+    /// stdin line by line, each answered with the conversation so far in the prompt.
     Chat(Box<ChatArgs>),
     /// Print a shell completion script, e.g.
     /// `caption completions bash > ~/.local/share/bash-completion/completions/caption`.
@@ -122,7 +122,7 @@ pub struct CaptionArgs {
     #[arg(short, long, env = "CAPTION_MODEL")]
     pub model: Option<String>,
 
-    /// Ask a question about each image (needs a VQA or BLIP-2 model); repeat to ask several.
+    /// Ask a question about each image (needs a VQA, BLIP-2 or LLaVA model); repeat to ask several.
     #[arg(long, value_name = "QUESTION")]
     pub ask: Vec<String>,
 
@@ -130,7 +130,8 @@ pub struct CaptionArgs {
     pub clip: ClipArgs,
 
     /// Start every caption with this text, e.g. "a picture of" (BLIP prints it as part of the caption,
-    /// as transformers does); BLIP-2 continues it as a raw prompt and prints only the continuation.
+    /// as transformers does); BLIP-2 continues it as a raw prompt and prints only the continuation;
+    /// LLaVA reads it as its whole prompt, `<image>` where the picture goes (no chat template).
     #[arg(long)]
     pub prompt: Option<String>,
 
@@ -433,7 +434,7 @@ pub struct ChatArgs {
     #[arg(value_name = "IMAGE")]
     pub image: std::ffi::OsString,
 
-    /// A BLIP-2 model: an alias (see `caption models`), a Hub id, or a local folder.
+    /// A BLIP-2 or LLaVA model: an alias (see `caption models`), a Hub id, or a local folder.
     #[arg(short, long, env = "CAPTION_CHAT_MODEL", default_value = DEFAULT_CHAT_MODEL)]
     pub model: String,
 

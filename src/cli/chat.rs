@@ -1,4 +1,5 @@
-//! `caption chat IMAGE`: a conversation about one picture with a BLIP-2 model.
+//! `caption chat IMAGE`: a conversation about one picture with a BLIP-2 or
+//! LLaVA model.
 //!
 //! Questions come from stdin one line at a time, so the same command serves a
 //! person at a terminal and a script writing into a pipe; each answer is one
@@ -13,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use super::args::{generation_flags, runtime_options, ChatArgs};
 use super::model::open_model;
 use super::outcome::RunStatus;
-use caption::captioner::blip2::Conversation;
+use caption::captioner::chat::Conversation;
 use caption::generate::GenerationConfig;
 use caption::resolve::registry::{Registry, Task};
 
@@ -31,7 +32,7 @@ pub fn run(args: &ChatArgs, registry: &Registry) -> Result<RunStatus> {
     let (source, entry) = caption::resolve_model(&args.model, registry)?;
     if let Some(entry) = entry.filter(|e| e.task != Task::Chat) {
         bail!(
-            "{} is a {} model and cannot hold a conversation: use a BLIP-2 model such as blip2-opt-2.7b",
+            "{} is a {} model and cannot hold a conversation: use a BLIP-2 or LLaVA model such as blip2-opt-2.7b or llava-1.5-7b",
             args.model,
             entry.family
         );
@@ -42,7 +43,7 @@ pub fn run(args: &ChatArgs, registry: &Registry) -> Result<RunStatus> {
     let captioner = open_model(&source, entry, &runtime, args.quiet)?;
     if !captioner.converses() {
         bail!(
-            "{} cannot hold a conversation: use a BLIP-2 model such as blip2-opt-2.7b",
+            "{} cannot hold a conversation: use a BLIP-2 or LLaVA model such as blip2-opt-2.7b or llava-1.5-7b",
             args.model
         );
     }

@@ -4,6 +4,8 @@
 //! packed layers ([`weight_cache`]); [`regular_file`] opens files without
 //! waiting on a named pipe or device put where a file should be.
 
+pub mod chat_template;
+pub mod memory;
 mod pack_folder;
 mod pickle;
 mod pytorch;

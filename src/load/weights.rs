@@ -45,6 +45,20 @@ pub fn var_builder(
     }
 }
 
+/// The name and shape of every tensor the files hold, from their headers
+/// (safetensors) or pickles, without reading any tensor's data.
+pub fn tensor_shapes(weights: &WeightFiles) -> Result<Vec<(String, Vec<usize>)>> {
+    let files = match weights {
+        WeightFiles::Safetensors(paths) => CheckpointFiles::open_safetensors(paths)?,
+        WeightFiles::PytorchBin(path) => CheckpointFiles::open_pytorch(path)?,
+    };
+    Ok(files
+        .tensors
+        .into_iter()
+        .map(|(name, slot)| (name, slot.shape))
+        .collect())
+}
+
 /// Reads every tensor the files hold (as F32, as a model would ask), and
 /// says how many could be read: the fuzz target's way through the reader,
 /// having no model to ask for tensors by name.

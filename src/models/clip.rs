@@ -150,36 +150,53 @@ impl ClipConfig {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        let (v, t) = (&self.vision_config, &self.text_config);
-        for (what, hidden, heads) in [
-            ("vision", v.hidden_size, v.num_attention_heads),
-            ("text", t.hidden_size, t.num_attention_heads),
-        ] {
-            anyhow::ensure!(
-                heads > 0 && hidden.is_multiple_of(heads),
-                "{what} hidden_size {hidden} is not a multiple of num_attention_heads {heads}"
-            );
-        }
+        self.vision_config.validate()?;
+        let t = &self.text_config;
         anyhow::ensure!(
-            v.patch_size > 0 && v.image_size.is_multiple_of(v.patch_size),
-            "vision image_size {} is not a multiple of patch_size {}",
-            v.image_size,
-            v.patch_size
-        );
-        anyhow::ensure!(
-            v.num_channels == 3,
-            "vision num_channels is {}; only RGB (3) is supported",
-            v.num_channels
+            t.num_attention_heads > 0 && t.hidden_size.is_multiple_of(t.num_attention_heads),
+            "text hidden_size {} is not a multiple of num_attention_heads {}",
+            t.hidden_size,
+            t.num_attention_heads
         );
         anyhow::ensure!(
             t.max_position_embeddings >= 2,
             "text max_position_embeddings {} leaves no room for a start and an end token",
             t.max_position_embeddings
         );
-        Activation::from_config_name(&v.hidden_act)?;
         Activation::from_config_name(&t.hidden_act)?;
         t.pooling()?;
         Ok(())
+    }
+}
+
+impl VisionConfig {
+    /// Refuses shapes the vision tower cannot be built with, naming the field.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.num_attention_heads > 0
+                && self.hidden_size.is_multiple_of(self.num_attention_heads),
+            "vision hidden_size {} is not a multiple of num_attention_heads {}",
+            self.hidden_size,
+            self.num_attention_heads
+        );
+        anyhow::ensure!(
+            self.patch_size > 0 && self.image_size.is_multiple_of(self.patch_size),
+            "vision image_size {} is not a multiple of patch_size {}",
+            self.image_size,
+            self.patch_size
+        );
+        anyhow::ensure!(
+            self.num_channels == 3,
+            "vision num_channels is {}; only RGB (3) is supported",
+            self.num_channels
+        );
+        Activation::from_config_name(&self.hidden_act)?;
+        Ok(())
+    }
+
+    /// Patches per image, the class token not counted.
+    pub fn num_patches(&self) -> usize {
+        (self.image_size / self.patch_size).pow(2)
     }
 }
 
@@ -411,6 +428,24 @@ impl Encoder {
         }
         Ok(hidden)
     }
+
+    /// transformers' `hidden_states[i]` for each `i` in `wanted` (0: the
+    /// input; i: after layer i), running no layer past the last one wanted.
+    fn hidden_states(&self, xs: &Tensor, wanted: &[usize]) -> Result<Vec<Tensor>> {
+        let last = wanted.iter().copied().max().unwrap_or(0);
+        if last > self.layers.len() {
+            candle_core::bail!(
+                "hidden state {last} asked of an encoder of {} layers",
+                self.layers.len()
+            );
+        }
+        let mut states = vec![xs.clone()];
+        for layer in &self.layers[..last] {
+            let next = layer.forward(states.last().expect("starts with the input"), None)?;
+            states.push(next);
+        }
+        Ok(wanted.iter().map(|&i| states[i].clone()).collect())
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -513,6 +548,20 @@ impl VisionTransformer {
             })
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&pooled, 0)
+    }
+
+    /// The encoder's hidden states at `layers` (0: the embeddings after
+    /// `pre_layrnorm`; i: after layer i), `[batch, 1 + patches, hidden]`
+    /// each, as `output_hidden_states` gives them: what LLaVA reads.
+    pub fn hidden_states(&self, pixel_values: &Tensor, layers: &[usize]) -> Result<Vec<Tensor>> {
+        let hidden = self
+            .pre_layrnorm
+            .forward(&self.embeddings.forward(pixel_values)?)?;
+        self.encoder.hidden_states(&hidden, layers)
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.encoder.layers.len()
     }
 
     fn pooled(&self, pixel_values: &Tensor) -> Result<Tensor> {

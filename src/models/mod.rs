@@ -9,4 +9,6 @@ pub mod bert;
 pub mod blip;
 pub mod blip2;
 pub mod clip;
+pub mod llama;
+pub mod llava;
 pub mod opt;

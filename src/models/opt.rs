@@ -14,7 +14,8 @@ use serde::Deserialize;
 
 use crate::nn::{
     causal_mask, last_position, merge_heads, residual_add, scaled_dot_product_attention,
-    split_heads, Activation, KvCache, LayerNorm, Linear, LinearOptions, SdpaParams, TokenEmbedding,
+    split_heads, Activation, KvCache, LayerCaches, LayerNorm, Linear, LinearOptions, SdpaParams,
+    TokenEmbedding,
 };
 
 /// `OPTConfig`; defaults are transformers' for keys a checkpoint omits.
@@ -252,25 +253,7 @@ impl OptDecoderLayer {
 }
 
 /// The self-attention keys and values of every layer, for a batch of sequences.
-#[derive(Debug, Clone)]
-pub struct OptCache {
-    layers: Vec<KvCache>,
-}
-
-impl OptCache {
-    /// Positions already seen: where the next token sits.
-    pub fn seq_len(&self) -> usize {
-        self.layers.first().map_or(0, KvCache::seq_len)
-    }
-
-    /// Keeps (and reorders) the batch rows named by `rows`.
-    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
-        for cache in &mut self.layers {
-            cache.select_rows(rows)?;
-        }
-        Ok(())
-    }
-}
+pub type OptCache = LayerCaches;
 
 /// `OPTForCausalLM`: `model.decoder` and `lm_head`.
 #[derive(Debug, Clone)]
@@ -343,9 +326,7 @@ impl OptForCausalLM {
 
     /// An empty cache for a new batch of sequences.
     pub fn new_cache(&self) -> OptCache {
-        OptCache {
-            layers: vec![KvCache::default(); self.layers.len()],
-        }
+        LayerCaches::new(self.layers.len())
     }
 
     /// `input_ids [batch, seq]` -> `[batch, seq, hidden]`.
@@ -375,7 +356,7 @@ impl OptForCausalLM {
         let mask = (seq > 1)
             .then(|| causal_mask(seq, past, hidden.dtype(), hidden.device()))
             .transpose()?;
-        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+        for (layer, layer_cache) in self.layers.iter().zip(cache.iter_mut()) {
             hidden = layer.forward(&hidden, layer_cache, mask.as_ref())?;
         }
         // Only the last position's logits are ever used in generation.

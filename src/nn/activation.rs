@@ -6,7 +6,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use super::ops::{Bf16Add, GeluErf, RowSoftmax};
 
 /// The activations transformers' `ACT2FN` maps config names to, for the names
-/// BLIP and BLIP-2 checkpoints use.
+/// BLIP, BLIP-2, CLIP and Llama checkpoints use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
     /// `gelu`: the exact, erf-based GELU (torch's default).
@@ -16,6 +16,8 @@ pub enum Activation {
     /// `quick_gelu`: x * sigmoid(1.702 x).
     QuickGelu,
     Relu,
+    /// `silu` (Llama's MLP gate): x * sigmoid(x).
+    Silu,
 }
 
 impl Activation {
@@ -25,6 +27,7 @@ impl Activation {
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Self::GeluTanh,
             "quick_gelu" => Self::QuickGelu,
             "relu" => Self::Relu,
+            "silu" | "swish" => Self::Silu,
             other => anyhow::bail!("unsupported activation `{other}` in config.json"),
         })
     }
@@ -37,6 +40,7 @@ impl Module for Activation {
             Self::GeluTanh => xs.gelu(),
             Self::QuickGelu => xs * candle_nn::ops::sigmoid(&(xs * 1.702)?)?,
             Self::Relu => xs.relu(),
+            Self::Silu => xs.silu(),
         }
     }
 }

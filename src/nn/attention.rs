@@ -41,8 +41,61 @@ impl KvCache {
         Ok(())
     }
 
+    /// Forgets every position from `len` on.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if let Some((k, v)) = self.kv.take() {
+            let keep = len.min(k.dim(2)?);
+            if keep > 0 {
+                self.kv = Some((k.narrow(2, 0, keep)?, v.narrow(2, 0, keep)?));
+            }
+        }
+        Ok(())
+    }
+
     pub fn clear(&mut self) {
         self.kv = None;
+    }
+}
+
+/// The self-attention keys and values of every layer of a decoder, for a
+/// batch of sequences.
+#[derive(Debug, Clone)]
+pub struct LayerCaches {
+    layers: Vec<KvCache>,
+}
+
+impl LayerCaches {
+    /// Empty caches for `layers` layers.
+    pub fn new(layers: usize) -> Self {
+        Self {
+            layers: vec![KvCache::default(); layers],
+        }
+    }
+
+    /// Positions already seen: where the next token sits.
+    pub fn seq_len(&self) -> usize {
+        self.layers.first().map_or(0, KvCache::seq_len)
+    }
+
+    /// Keeps (and reorders) the batch rows named by `rows`.
+    pub fn select_rows(&mut self, rows: &Tensor) -> Result<()> {
+        for cache in &mut self.layers {
+            cache.select_rows(rows)?;
+        }
+        Ok(())
+    }
+
+    /// Forgets every position from `len` on (a conversation whose next
+    /// prompt shares only the first `len` tokens with what was read).
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        for cache in &mut self.layers {
+            cache.truncate(len)?;
+        }
+        Ok(())
+    }
+
+    pub fn iter_mut(&mut self) -> std::slice::IterMut<'_, KvCache> {
+        self.layers.iter_mut()
     }
 }
 

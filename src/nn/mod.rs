@@ -1,5 +1,6 @@
 //! The layers model files are built from: [`Linear`] over every weight
-//! format, [`TokenEmbedding`], [`LayerNorm`], [`Activation`], and attention:
+//! format, [`TokenEmbedding`], [`LayerNorm`], [`RmsNorm`], [`Activation`],
+//! [`RotaryEmbedding`], and attention:
 //! one entry point, [`scaled_dot_product_attention`] (with
 //! [`fused_qkv_attention`], the same attention read from a ViT's fused
 //! projection), and its [`KvCache`].
@@ -15,20 +16,22 @@ mod embedding;
 mod linear;
 mod norm;
 mod ops;
+mod rotary;
 #[cfg(test)]
 mod test_data;
 
 pub use activation::{gelu_erf, residual_add, softmax_last_dim, Activation};
 pub use attention::{
     causal_mask, fused_qkv_attention, last_position, merge_heads, scaled_dot_product_attention,
-    split_heads, KvCache, SdpaParams,
+    split_heads, KvCache, LayerCaches, SdpaParams,
 };
 pub use embedding::TokenEmbedding;
 pub use linear::{
     linear, linear_no_bias, packing_settings, small_batch_linear, Linear, LinearOptions,
     QuantFormat, Quantization,
 };
-pub use norm::{layer_norm, LayerNorm};
+pub use norm::{layer_norm, rms_norm, LayerNorm, RmsNorm};
+pub use rotary::{RopeScaling, RotaryEmbedding};
 
 /// Whether this CPU runs our packed float32 kernels (AVX-512, not turned
 /// off with `CAPTION_KERNELS=portable`): the fast path the parity tests

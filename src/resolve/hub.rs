@@ -83,6 +83,10 @@ pub struct ModelFiles {
     /// `preprocessor_config.json`, or transformers 5's `processor_config.json`.
     pub image_processor: PathBuf,
     pub generation_config: Option<PathBuf>,
+    /// `chat_template.jinja`, else `chat_template.json` (LLaVA's prompts).
+    pub chat_template: Option<PathBuf>,
+    /// transformers 5's `processor_config.json`, which may hold the chat template.
+    pub processor_config: Option<PathBuf>,
 }
 
 /// Something that can hand out a model's files by name.
@@ -215,6 +219,11 @@ fn collect(source: &ModelSource, files: &dyn FileSource) -> Result<ModelFiles> {
         tokenizer_config: files.get("tokenizer_config.json")?,
         image_processor,
         generation_config: files.get("generation_config.json")?,
+        chat_template: match files.get("chat_template.jinja")? {
+            Some(path) => Some(path),
+            None => files.get("chat_template.json")?,
+        },
+        processor_config: files.get("processor_config.json")?,
     })
 }
 

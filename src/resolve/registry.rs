@@ -27,6 +27,10 @@ pub enum Family {
     /// `CLIPModel`: image and text embeddings in one space (labels, search,
     /// reranking); no text generation.
     Clip,
+    /// `LlavaForConditionalGeneration`: a CLIP vision tower and a Llama
+    /// language model; captions by instruction, answers, converses through
+    /// its chat template.
+    Llava,
 }
 
 impl Family {
@@ -43,6 +47,8 @@ impl Family {
             Self::Blip2Opt => false,
             // Generates nothing.
             Self::Clip => false,
+            // A GenerationMixin itself: the top-level file is its config.
+            Self::Llava => true,
         }
     }
 
@@ -53,6 +59,7 @@ impl Family {
             "BlipForQuestionAnswering" => Some(Self::BlipVqa),
             "Blip2ForConditionalGeneration" => Some(Self::Blip2Opt),
             "CLIPModel" => Some(Self::Clip),
+            "LlavaForConditionalGeneration" => Some(Self::Llava),
             _ => None,
         })
     }
@@ -77,6 +84,7 @@ impl std::fmt::Display for Family {
             Self::BlipVqa => "blip-vqa",
             Self::Blip2Opt => "blip2-opt",
             Self::Clip => "clip",
+            Self::Llava => "llava",
         })
     }
 }
@@ -121,6 +129,10 @@ pub struct Entry {
     /// text (BLIP-2): `{}` stands for the question.
     #[serde(default)]
     pub question_template: Option<String>,
+    /// What a model that follows instructions (LLaVA) is asked when it
+    /// captions without `--prompt`.
+    #[serde(default)]
+    pub instruction: Option<String>,
 }
 
 impl Entry {

@@ -10,6 +10,8 @@ use std::process::Command;
 /// - `CAPTION_MODEL`, `CAPTION_CHAT_MODEL`: the default models (clap `env =`
 ///   in src/cli.rs); `CAPTION_NO_WEIGHT_CACHE` (src/cli.rs) is removed too,
 ///   then set, see [`caption_command`].
+/// - `CAPTION_MEMORY_LIMIT`, `CAPTION_IGNORE_MEMORY` (src/load/memory.rs):
+///   the memory check before loading.
 /// - `HF_HOME`, `HF_HUB_CACHE`, `XDG_CACHE_HOME`: where the Hub cache and our
 ///   own cache (bundled demo models, packed weights) live (src/hub.rs,
 ///   src/bundled.rs); without them both follow `HOME`, the test's own folder.
@@ -40,6 +42,8 @@ pub const CLEARED_VARS: &[&str] = &[
     "CAPTION_CHAT_MODEL",
     "CAPTION_NO_WEIGHT_CACHE",
     "CAPTION_WEIGHT_CACHE_LIMIT",
+    "CAPTION_MEMORY_LIMIT",
+    "CAPTION_IGNORE_MEMORY",
     "HF_HOME",
     "HF_HUB_CACHE",
     "XDG_CACHE_HOME",
