@@ -213,11 +213,12 @@ def write(name, out_root):
     def flush():
         nonlocal shard, shard_bytes
         if shard:
-            shards.append(shard)
+            # Only the count: holding every shard's arrays here kept the whole
+            # model in memory (the 14 GB LLaVA was OOM-killed at 22 GB).
+            shards.append(len(shard))
             file = f"part-{len(shards):05d}.safetensors"
             if bf16:
-                save_torch_file({k: torch.from_numpy(v).to(torch.bfloat16) for k, v in shard.items()},
-                                str(out / file), metadata={"format": "pt"})
+                save_torch_file(shard, str(out / file), metadata={"format": "pt"})
             else:
                 save_file(shard, str(out / file), metadata={"format": "pt"})
             for key in shard:
@@ -231,7 +232,8 @@ def write(name, out_root):
         nbytes = array.size * element_bytes
         if shard_bytes + nbytes > SHARD_BYTES:
             flush()
-        shard[tensor_name] = array
+        # bf16 at once, so a shard holds 2 bytes a value, not the 4 of its draw.
+        shard[tensor_name] = torch.from_numpy(array).to(torch.bfloat16) if bf16 else array
         shard_bytes += nbytes
     flush()
     # Name the shards as save_pretrained does.

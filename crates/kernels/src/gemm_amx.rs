@@ -181,6 +181,7 @@ pub(crate) unsafe fn product_block(
             padded
         });
         let mut sums = Sums([0.0; BLOCK_ROWS * NR]);
+        let theirs = saved_tiles();
         configure_tiles(&TileConfig::uniform());
         for panel in panels {
             let packed = right.bytes[panel * pair_rows * PAIR_ROW_BYTES..]
@@ -206,7 +207,7 @@ pub(crate) unsafe fn product_block(
                 row += height;
             }
         }
-        release_tiles();
+        restore_tiles(&theirs);
     }
 }
 
@@ -225,13 +226,43 @@ unsafe fn configure_tiles(config: &TileConfig) {
     }
 }
 
+/// This thread's tile configuration as we found it (all zeros: none).
+///
+/// Other AMX code shares our threads: candle's q4k kernels (`--quantize
+/// q4k`, prefill of 32 rows or more) load their configuration once per
+/// thread and assume it stays. Releasing the tiles after our products left
+/// their next `tilezero` without one, an illegal instruction (SIGILL,
+/// LLaVA-1.5-7b with `--dtype bf16 --quantize q4k`); so each product puts
+/// back what it found.
+///
 /// # Safety
 /// AMX must be granted to this process (see [`available`]).
 #[cfg(target_arch = "x86_64")]
-unsafe fn release_tiles() {
-    // SAFETY: the caller checked AMX is granted; TILERELEASE touches no memory.
+unsafe fn saved_tiles() -> TileConfig {
+    let mut config = TileConfig([0; 64]);
+    // SAFETY: the caller checked AMX is granted; STTILECFG writes 64 bytes,
+    // the size of `config` (zeros when no configuration is loaded).
     unsafe {
-        std::arch::asm!("tilerelease", options(nostack, nomem));
+        std::arch::asm!("sttilecfg [{}]", in(reg) config.0.as_mut_ptr(), options(nostack));
+    }
+    config
+}
+
+/// Loads `saved` (from [`saved_tiles`]) again, or releases the tiles if
+/// none was loaded.
+///
+/// # Safety
+/// AMX must be granted to this process (see [`available`]).
+#[cfg(target_arch = "x86_64")]
+unsafe fn restore_tiles(saved: &TileConfig) {
+    // SAFETY: the caller checked AMX is granted; a non-zero palette is a
+    // configuration LDTILECFG accepted before, and TILERELEASE touches no memory.
+    unsafe {
+        if saved.0[0] == 0 {
+            std::arch::asm!("tilerelease", options(nostack, nomem));
+        } else {
+            configure_tiles(saved);
+        }
     }
 }
 
@@ -421,7 +452,17 @@ unsafe fn configure_tiles(_config: &TileConfig) {
 /// # Safety
 /// None: it only panics (or does nothing).
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn release_tiles() {}
+unsafe fn saved_tiles() -> TileConfig {
+    unreachable!("AMX on a non-x86 CPU")
+}
+
+/// Off x86 this is never called: the feature checks that guard it are
+/// false there.
+///
+/// # Safety
+/// None: it only panics (or does nothing).
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn restore_tiles(_saved: &TileConfig) {}
 
 /// Off x86 this is never called: the feature checks that guard it are
 /// false there.
@@ -463,4 +504,58 @@ pub(crate) unsafe fn store_block(
     _ldc: usize,
 ) {
     unreachable!("AMX on a non-x86 CPU")
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// One zero product of a row by a panel, on this thread.
+    fn one_product() {
+        let k = DEPTH_STEP;
+        let a = vec![bf16::ZERO; k];
+        let panel = vec![0u8; (k / 2) * PAIR_ROW_BYTES];
+        let left = LeftRows { a: &a, lda: k, k };
+        let right = RightPanels {
+            bytes: &panel,
+            k,
+            n: NR,
+        };
+        // SAFETY: AMX is granted (checked by the caller), k is one tile deep,
+        // `a` holds the one row and `panel` the one panel.
+        unsafe { product_block(left, 0..1, right, 0..1, |_, _, _, _, _| {}) };
+    }
+
+    /// Another AMX user's configuration (candle's q4k kernels: 16-row sum
+    /// tiles, 16 x 32-byte and 8 x 64-byte operands) is there again after our
+    /// product, and a thread with none is left with none, so code that
+    /// configured a thread once and relies on it (candle's) never finds it
+    /// changed or released (a SIGILL before).
+    #[test]
+    fn a_product_leaves_the_threads_tile_configuration_as_it_found_it() {
+        if !available() {
+            return;
+        }
+        let mut theirs = TileConfig([0; 64]);
+        theirs.0[0] = 1;
+        for (tile, (bytes, rows)) in [(64u16, 16u8); 4]
+            .into_iter()
+            .chain([(32, 16); 2])
+            .chain([(64, 8); 2])
+            .enumerate()
+        {
+            theirs.0[16 + 2 * tile..][..2].copy_from_slice(&bytes.to_le_bytes());
+            theirs.0[48 + tile] = rows;
+        }
+        // SAFETY: AMX is granted (available() above); the configuration is valid.
+        unsafe { configure_tiles(&theirs) };
+        one_product();
+        // SAFETY: as above.
+        assert_eq!(unsafe { saved_tiles() }.0, theirs.0);
+        // SAFETY: as above.
+        unsafe { restore_tiles(&TileConfig([0; 64])) };
+        one_product();
+        // SAFETY: as above.
+        assert_eq!(unsafe { saved_tiles() }.0, [0; 64]);
+    }
 }
