@@ -683,6 +683,23 @@ def record(folder, processor_mem, model_mem, opts):
 # ---------------------------------------------------------------- main
 
 
+def run_setup(name, defaults, quick_defaults):
+    """Where a demo trainer writes and its options: the repository, or with
+    --quick or --out a temporary (or the given) folder, never the committed
+    outputs; each option --NAME VALUE over its default (quick_defaults' with
+    --quick). Returns (out_root, model folder, reference json, options)."""
+    quick = "--quick" in sys.argv
+    out_root = ROOT
+    if quick or "--out" in sys.argv:
+        prefix = f"make_{name.replace('-', '_')}_"
+        out_root = Path(arg("--out", tempfile.mkdtemp(prefix=prefix))).resolve()
+        print(f"writing under {out_root}", flush=True)
+    folder = out_root / "models" / name
+    reference = out_root / "tests" / "fixtures" / "reference" / f"{name}.json"
+    opts = {k: arg(f"--{k}", quick_defaults.get(k, v) if quick else v) for k, v in defaults.items()}
+    return out_root, folder, reference, opts
+
+
 def arg(name, default):
     return type(default)(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
 
@@ -706,21 +723,10 @@ def check_loss(model, batches):
 
 def main():
     wall_start = time.time()
-    quick = "--quick" in sys.argv
-    out_root = ROOT
-    if quick or "--out" in sys.argv:
-        # Never overwrite the committed outputs with a smoke test's.
-        out_root = Path(arg("--out", tempfile.mkdtemp(prefix="make_demo_clip_"))).resolve()
-        print(f"writing under {out_root}", flush=True)
-    folder = out_root / "models" / NAME
-    reference = out_root / "tests" / "fixtures" / "reference" / f"{NAME}.json"
-    opts = dict(
-        threads=arg("--threads", THREADS),
-        steps=arg("--steps", 60 if quick else STEPS),
-        batch=arg("--batch", BATCH),
-        lr=arg("--lr", LR),
-        pool=arg("--pool", 1000 if quick else POOL),
-        holdout=arg("--holdout", 50 if quick else HOLDOUT),
+    out_root, folder, reference, opts = run_setup(
+        NAME,
+        dict(threads=THREADS, steps=STEPS, batch=BATCH, lr=LR, pool=POOL, holdout=HOLDOUT),
+        dict(steps=60, pool=1000, holdout=50),
     )
     torch.set_num_threads(opts["threads"])
     warnings.filterwarnings("ignore", message=".*model-agnostic default.*")

@@ -343,9 +343,18 @@ def train_merges(lines, num_merges):
     for line in lines:
         text = "▁" + line.strip().replace(" ", "▁")
         counts.update(PIECE.findall(text))
+    merges = merges_of(counts, num_merges)
+    alphabet = sorted({ch for w in counts for ch in w})
+    return alphabet, merges
+
+
+def merges_of(counts, max_merges):
+    """BPE merges of counted pieces: the most frequent adjacent pair first,
+    ties broken by the pair's text; merges never cross a piece; stops when
+    no pair occurs twice."""
     words = {w: list(w) for w in counts}
     merges = []
-    for _ in range(num_merges):
+    for _ in range(max_merges):
         pairs = Counter()
         for w, c in counts.items():
             syms = words[w]
@@ -368,21 +377,26 @@ def train_merges(lines, num_merges):
                     out.append(syms[i])
                     i += 1
             words[w] = out
-    alphabet = sorted({ch for w in counts for ch in w})
-    return alphabet, merges
+    return merges
 
 
 def build_tokenizer() -> LlamaTokenizer:
+    alphabet, merges = train_merges(corpus(), NUM_MERGES)
+    return llama_tokenizer(alphabet, merges)
+
+
+def llama_tokenizer(alphabet, merges) -> LlamaTokenizer:
+    """A Llama-layout byte-fallback BPE: <unk> <s> </s>, the 256 byte tokens,
+    the alphabet, one token per merge, then (as llava-hf: <image> (32000
+    there) then <pad> (32001), both special) the added <image> and <pad>."""
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     for b in range(256):
         vocab[f"<0x{b:02X}>"] = len(vocab)
-    alphabet, merges = train_merges(corpus(), NUM_MERGES)
     for ch in alphabet:
         vocab.setdefault(ch, len(vocab))
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
     tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
-    # As llava-hf: <image> (32000 there) then <pad> (32001), both special.
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     tokenizer.add_special_tokens({"pad_token": "<pad>"})
     assert tokenizer.convert_tokens_to_ids("<image>") == len(vocab)
