@@ -35,6 +35,20 @@ pub struct Input {
     /// The file's size and modification time when it was found (`None` for
     /// a URL): what the search index keys on, without a second `stat`.
     pub stamp: Option<FileStamp>,
+    /// An image inside a WebDataset tar (`path` is the tar file): where it
+    /// is ([`super::webdataset`]).
+    pub member: Option<std::sync::Arc<TarMember>>,
+}
+
+impl Input {
+    /// What `--shard` splits by: the tar file for a member of one (each job
+    /// reads whole shards), else the path as shown.
+    pub fn shard_key(&self) -> &str {
+        match &self.member {
+            Some(member) => &member.shard,
+            None => &self.shown,
+        }
+    }
 }
 
 /// A file's size and modification time (seconds and nanoseconds since the
@@ -59,6 +73,41 @@ impl FileStamp {
             modified,
         })
     }
+}
+
+/// Where one image of a WebDataset shard is, and its sample's other
+/// members ([`super::webdataset`] finds them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TarMember {
+    /// The shard as shown (the argument or the path found in a folder).
+    pub shard: String,
+    /// The sample's key: the member's path up to its file name's first `.`.
+    pub key: String,
+    /// The member's data: where it starts in the tar file, and its length.
+    pub offset: u64,
+    pub size: u64,
+    /// The sample's `.json` and `.txt` members (offset, length), if any.
+    pub json: Option<(u64, u64)>,
+    pub txt: Option<(u64, u64)>,
+}
+
+/// Whether `path` names a tar file (by extension).
+pub fn is_tar(path: &Path) -> bool {
+    extension_is(path, &["tar"])
+}
+
+/// Whether `path` names a compressed tar file, which is not read.
+pub fn is_compressed_tar(path: &Path) -> bool {
+    let name = path.to_string_lossy().to_ascii_lowercase();
+    [".tar.gz", ".tgz", ".tar.zst", ".tar.bz2", ".tar.xz"]
+        .iter()
+        .any(|ext| name.ends_with(ext))
+}
+
+fn extension_is(path: &Path, extensions: &[&str]) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| extensions.iter().any(|x| e.eq_ignore_ascii_case(x)))
 }
 
 /// An argument (or an entry found while walking a folder) that cannot be used.
@@ -153,6 +202,7 @@ impl Collected {
                 shown,
                 path,
                 stamp: None,
+                member: None,
             });
             return;
         }
@@ -162,6 +212,7 @@ impl Collected {
                 shown,
                 path,
                 stamp: FileStamp::of(&meta),
+                member: None,
             }),
             Ok(_) => self.problem(&path, regular_file::NOT_REGULAR),
             Err(err) => {
@@ -243,7 +294,7 @@ impl Collected {
                         format!("cannot read folder: {}", describe(&err)),
                     ),
                 }
-            } else if has_image_extension(&name) {
+            } else if has_image_extension(&name) || is_tar_shard(&path) {
                 self.image_entry(shown_path, path, &meta);
             }
             // Anything else (notes, sidecars, a socket some program keeps
@@ -269,11 +320,18 @@ impl Collected {
                 shown,
                 path,
                 stamp: FileStamp::of(meta),
+                member: None,
             });
         } else {
             self.problem(&shown_path, regular_file::NOT_REGULAR);
         }
     }
+}
+
+/// A WebDataset shard (read as a container of images), or a compressed one
+/// (reported: it cannot be read in place).
+fn is_tar_shard(path: &Path) -> bool {
+    is_tar(path) || is_compressed_tar(path)
 }
 
 /// Reads the `-` list: one path per line.
@@ -356,7 +414,7 @@ fn is_broken_link(path: &Path, err: &io::Error) -> bool {
 }
 
 /// An I/O error as a short lowercase phrase, without the "(os error N)" tail.
-fn describe(err: &io::Error) -> String {
+pub(crate) fn describe(err: &io::Error) -> String {
     match err.kind() {
         io::ErrorKind::NotFound => "no such file or directory".to_string(),
         io::ErrorKind::PermissionDenied => "permission denied".to_string(),
@@ -402,6 +460,12 @@ impl fmt::Display for Shard {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct ParseShardError(String);
+
+impl ParseShardError {
+    pub(crate) fn new(message: String) -> Self {
+        ParseShardError(message)
+    }
+}
 
 impl FromStr for Shard {
     type Err = ParseShardError;
@@ -719,6 +783,7 @@ mod tests {
                 shown: arg(&notes),
                 stamp: FileStamp::of(&fs::metadata(&notes).unwrap()),
                 path: notes,
+                member: None,
             }]
         );
     }

@@ -5,5 +5,7 @@ pub mod fetch;
 pub mod index;
 pub mod inputs;
 mod run;
+pub mod schedulers;
+pub mod webdataset;
 
 pub use run::{load_image, load_input, skip_captioned, Batches, Ended, Progress, Silent, Work};

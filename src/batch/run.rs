@@ -169,6 +169,8 @@ pub struct Batches<'a> {
     /// Images decoded and run together.
     pub batch_size: usize,
     pub load_options: LoadOptions,
+    /// Threads decoding the next batch; 0: [`default_decode_threads`].
+    pub decode_threads: usize,
     /// Write each caption beside its image as well.
     pub sidecar: Option<SidecarOptions>,
     /// Set (by a Ctrl-C handler) to stop after the batch in hand.
@@ -217,6 +219,10 @@ impl Batches<'_> {
         let decoded = decode_ahead(
             inputs.to_vec(),
             batch_size,
+            match self.decode_threads {
+                0 => default_decode_threads(),
+                n => n,
+            },
             self.load_options,
             self.work.preprocess_configs(),
         )?;
@@ -300,6 +306,10 @@ impl Batches<'_> {
         for (input, error) in inputs {
             let path = input.shown.clone();
             let path_bytes = crate::output::path_bytes(&input.path);
+            let sample = input
+                .member
+                .as_ref()
+                .map(|member| super::webdataset::sample(&input.path, member));
             let outputs = match error {
                 Some(reason) => Err(reason),
                 None => {
@@ -318,6 +328,7 @@ impl Batches<'_> {
                 Err(reason) => record(Record {
                     path,
                     path_bytes,
+                    sample,
                     outcome: Outcome::Error(reason),
                 })?,
                 Ok(outputs) => {
@@ -325,6 +336,7 @@ impl Batches<'_> {
                         record(Record {
                             path: path.clone(),
                             path_bytes: path_bytes.clone(),
+                            sample: sample.clone(),
                             outcome: output.into_outcome(),
                         })?;
                     }
@@ -365,16 +377,18 @@ enum Next {
 /// How often a run waiting for images looks at its stop flag.
 const STOP_POLL: std::time::Duration = std::time::Duration::from_millis(50);
 
-/// Decodes `inputs` a batch at a time on a thread of its own, one batch
-/// ahead of the model (decoding overlaps its work; one ahead hides it).
-/// Each image is resized for the model as soon as it is decoded, so only
-/// one full-size image is ever in memory, whatever the batch size (24
-/// photos of 177 KB took 1.0 GB at batch 1 and 4.9 GB at batch 8 when a
-/// batch was resized after all of it was decoded). The thread is not
-/// joined: a run that stops does not wait for a hung download.
+/// Decodes `inputs` a batch at a time on threads of their own, one batch
+/// ahead of the model (decoding overlaps its work; one ahead hides it), the
+/// images of a batch spread over `threads` decoders. Each image is resized
+/// for the model as soon as it is decoded, so a decoder holds one full-size
+/// image at a time, whatever the batch size (24 photos of 177 KB took 1.0 GB
+/// at batch 1 and 4.9 GB at batch 8 when a batch was resized after all of
+/// it was decoded). The thread is not joined: a run that stops does not
+/// wait for a hung download.
 fn decode_ahead(
     inputs: Vec<Input>,
     batch_size: usize,
+    threads: usize,
     options: LoadOptions,
     preprocess: Vec<PreprocessConfig>,
 ) -> Result<Receiver<DecodedBatch>> {
@@ -383,12 +397,9 @@ fn decode_ahead(
         .name("caption-decode".into())
         .spawn(move || {
             for chunk in inputs.chunks(batch_size) {
-                let images = chunk
-                    .iter()
-                    .map(|input| {
-                        load_input(input, &options).map(|image| prepared_for(image, &preprocess))
-                    })
-                    .collect();
+                let images = decode_batch(chunk, threads, |input| {
+                    load_input(input, &options).map(|image| prepared_for(image, &preprocess))
+                });
                 if ready.send(images).is_err() {
                     break; // the run stopped
                 }
@@ -396,6 +407,72 @@ fn decode_ahead(
         })
         .context("starting the image decoder")?;
     Ok(decoded)
+}
+
+/// `decode` of every input of `chunk`, in order, on up to `threads`
+/// threads that each take the next image not yet taken. A decoder that
+/// panics (a bug in a codec, on one file) fails that image alone.
+fn decode_batch<F>(chunk: &[Input], threads: usize, decode: F) -> DecodedBatch
+where
+    F: Fn(&Input) -> Result<Vec<image::RgbImage>, ImageError> + Sync,
+{
+    let guarded = |input: &Input| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decode(input))).unwrap_or_else(
+            |_| {
+                Err(ImageError::Unsupported(
+                    "the image decoder failed on this file".into(),
+                ))
+            },
+        )
+    };
+    let threads = threads.clamp(1, chunk.len().max(1));
+    if threads == 1 {
+        return chunk.iter().map(guarded).collect();
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut slots: Vec<Option<Result<Vec<image::RgbImage>, ImageError>>> =
+        (0..chunk.len()).map(|_| None).collect();
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(input) = chunk.get(i) else {
+                            return done;
+                        };
+                        done.push((i, guarded(input)));
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            for (i, result) in worker.join().unwrap_or_default() {
+                slots[i] = Some(result);
+            }
+        }
+    });
+    slots
+        .into_iter()
+        .map(|slot| {
+            slot.unwrap_or_else(|| {
+                Err(ImageError::Unsupported(
+                    "the image decoder failed on this file".into(),
+                ))
+            })
+        })
+        .collect()
+}
+
+/// Decoder threads for `--decode-threads 0` (automatic): half the machine's
+/// threads, at most 8, at least 1. The model's kernels use them all during
+/// a batch; decoding one batch ahead needs only as many as keep up with
+/// the model (measured in bench/RESULTS.md), and each holds a full-size
+/// image.
+pub fn default_decode_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / 2).clamp(1, 8)
 }
 
 /// `image` prepared for each model: resized for the last in place, for the
@@ -414,6 +491,10 @@ fn prepared_for(image: image::RgbImage, configs: &[PreprocessConfig]) -> Vec<ima
 
 /// The pixels of one input: a file, or an address to download.
 pub fn load_input(input: &Input, options: &LoadOptions) -> Result<image::RgbImage, ImageError> {
+    if let Some(member) = &input.member {
+        let bytes = super::webdataset::read_member(&input.path, member).map_err(ImageError::Io)?;
+        return crate::image::decode_rgb8(&bytes, options);
+    }
     // By its path, not as shown: a name that is not UTF-8 is shown lossily.
     load_image(input.path.as_os_str(), options)
 }
@@ -500,4 +581,67 @@ fn ranked_by_clip(candidates: Vec<ScoredCaption>, keep: usize) -> Vec<Output> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inputs(n: usize) -> Vec<Input> {
+        (0..n)
+            .map(|i| Input {
+                shown: format!("{i}.png"),
+                path: format!("{i}.png").into(),
+                stamp: None,
+                member: None,
+            })
+            .collect()
+    }
+
+    /// A 1x1 image whose red value is the input's number.
+    fn numbered(input: &Input) -> Result<Vec<image::RgbImage>, ImageError> {
+        let n: u8 = input.shown.trim_end_matches(".png").parse().unwrap();
+        Ok(vec![image::RgbImage::from_pixel(
+            1,
+            1,
+            image::Rgb([n, 0, 0]),
+        )])
+    }
+
+    fn reds(batch: &DecodedBatch) -> Vec<Option<u8>> {
+        batch
+            .iter()
+            .map(|r| r.as_ref().ok().map(|images| images[0].get_pixel(0, 0)[0]))
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_decoded_on_several_threads_keeps_its_order() {
+        let chunk = inputs(13);
+        let expected: Vec<Option<u8>> = (0..13).map(Some).collect();
+        for threads in [1, 2, 4, 32] {
+            let batch = decode_batch(&chunk, threads, |input| {
+                // Later images finish first.
+                let n: u64 = input.shown.trim_end_matches(".png").parse().unwrap();
+                std::thread::sleep(std::time::Duration::from_micros(200 * (13 - n)));
+                numbered(input)
+            });
+            assert_eq!(reds(&batch), expected, "{threads} threads");
+        }
+    }
+
+    #[test]
+    fn a_decoder_that_panics_fails_its_images_and_no_others() {
+        let chunk = inputs(6);
+        let batch = decode_batch(&chunk, 3, |input| {
+            if input.shown == "4.png" {
+                panic!("a decoder bug");
+            }
+            numbered(input)
+        });
+        let expected: Vec<Option<u8>> = (0..6).map(|i| (i != 4).then_some(i)).collect();
+        assert_eq!(reds(&batch), expected);
+        let err = batch[4].as_ref().unwrap_err().to_string();
+        assert!(err.contains("decoder failed"), "{err}");
+    }
 }

@@ -5,7 +5,7 @@ use anyhow::Result;
 use candle_core::DType;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use caption::batch::inputs::Shard;
+use caption::batch::schedulers::ShardArg;
 use caption::captioner::{QuantFormat, Quantization};
 use caption::generate::{EarlyStopping, GenerationDefaults};
 use caption::output::Format;
@@ -68,9 +68,22 @@ pub struct CaptionArgs {
     pub recursive: bool,
 
     /// Caption only this share of the inputs, e.g. 2/8: N jobs with 1/N..N/N split a corpus
-    /// between them with no coordination (by a stable hash of each path).
-    #[arg(long, value_name = "K/N")]
-    pub shard: Option<Shard>,
+    /// between them with no coordination (by a stable hash of each path). `auto` reads K and N
+    /// from SLURM (job arrays, srun tasks) or a Kubernetes Indexed Job (auto/N, or
+    /// CAPTION_SHARD_COUNT=N).
+    #[arg(long, value_name = "K/N|auto")]
+    pub shard: Option<ShardArg>,
+
+    /// Write jsonl records into FILE instead of stdout, appending to what an earlier run left
+    /// there and skipping the images it holds without error; after a crash or kill, the same
+    /// command carries on (an unfinished last line is redone, never duplicated).
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub resume: Option<std::path::PathBuf>,
+
+    /// WebDataset tar shards: write each shard's records to DIR/<shard>.<format> (whole, once
+    /// the shard is done), and skip the shards whose file is already there.
+    #[arg(long, value_name = "DIR", conflicts_with = "resume")]
+    pub output_dir: Option<std::path::PathBuf>,
 
     /// Also write each caption next to its image as <stem>.txt (written whole: temp file + rename).
     #[arg(long, help_heading = "Sidecar files")]
@@ -171,6 +184,12 @@ pub struct ImageArgs {
     #[arg(long, value_name = "N", default_value_t = caption::image::PILLOW_MAX_PIXELS,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_pixels: u64,
+
+    /// Threads decoding and resizing the next batch's images while the model works on this
+    /// one; 0 (the default) is half the machine's threads, at most 8.
+    #[arg(long, value_name = "N", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=256))]
+    pub decode_threads: u32,
 }
 
 impl ImageArgs {
@@ -223,9 +242,10 @@ pub struct EmbedInputArgs {
     #[arg(short, long)]
     pub recursive: bool,
 
-    /// Use only this share of the inputs, e.g. 2/8 (by a stable hash of each path).
-    #[arg(long, value_name = "K/N")]
-    pub shard: Option<Shard>,
+    /// Use only this share of the inputs, e.g. 2/8 (by a stable hash of each path); `auto`
+    /// reads it from SLURM or a Kubernetes Indexed Job, as for captioning.
+    #[arg(long, value_name = "K/N|auto")]
+    pub shard: Option<ShardArg>,
 
     /// A CLIP model: an alias (see `caption models`), a Hub id, or a local folder.
     #[arg(short, long, env = "CAPTION_CLIP_MODEL", default_value = DEFAULT_CLIP_MODEL)]

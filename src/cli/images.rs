@@ -1,7 +1,9 @@
 //! `caption IMAGES...`: caption images or answer questions about them,
 //! results on stdout in the chosen format.
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
@@ -10,10 +12,14 @@ use super::interrupt;
 use super::model::{open_embedder, open_model};
 use super::outcome::RunStatus;
 use caption::batch::inputs::{self, CollectOptions, Input};
+use caption::batch::schedulers::ShardArg;
+use caption::batch::webdataset;
 use caption::batch::{skip_captioned, Batches, Ended, Progress, Work};
 use caption::generate::GenerationDefaults;
+use caption::output::resume::{ResumeFile, ResumeWriter};
+use caption::output::shard_files::{output_path, ShardFiles};
 use caption::output::sidecar::{Existing, SidecarOptions};
-use caption::output::{self, Content, Format, Outcome, Record, TextColumns};
+use caption::output::{self, Content, Format, Outcome, Record, RecordWriter, TextColumns};
 use caption::resolve::hub::ModelSource;
 use caption::resolve::registry::{Entry, Registry, Task};
 use caption::CaptionRequest;
@@ -92,17 +98,55 @@ impl Progress for ProgressBar {
 
 /// The images to run on: the arguments walked, stdin read, the shard taken.
 fn gather_inputs(args: &CaptionArgs) -> Result<(Vec<Input>, Vec<inputs::InputProblem>)> {
-    let options = CollectOptions {
-        recursive: args.recursive,
+    let done = args.output_dir.as_deref().map(|dir| (dir, args.format));
+    gather(&args.images, args.recursive, args.shard.as_ref(), done)
+}
+
+/// The inputs named by `paths` (folders walked, `-` read from stdin), with
+/// only `shard`'s share kept; `--shard auto` says on stderr which it took.
+/// Tar shards are read for their images, except those whose output file
+/// in `done`'s folder (`--output-dir`, in its format) is already there.
+pub(super) fn gather(
+    paths: &[std::ffi::OsString],
+    recursive: bool,
+    shard: Option<&ShardArg>,
+    done: Option<(&Path, Format)>,
+) -> Result<(Vec<Input>, Vec<inputs::InputProblem>)> {
+    let shard = match shard {
+        Some(arg) => {
+            let resolved = arg.resolve()?;
+            if resolved.source.is_some() {
+                eprintln!("caption: {resolved}");
+            }
+            Some(resolved.shard)
+        }
+        None => None,
     };
-    let (mut found, mut problems) =
-        inputs::collect(&args.images, std::io::stdin().lock(), &options);
-    if let Some(shard) = args.shard {
-        found.retain(|input| shard.takes(&input.shown));
+    let options = CollectOptions { recursive };
+    let (mut found, mut problems) = inputs::collect(paths, std::io::stdin().lock(), &options);
+    if let Some(shard) = shard {
+        // A tar is still one input here: each job takes whole shards.
+        found.retain(|input| shard.takes(input.shard_key()));
         problems.retain(|problem| shard.takes(&problem.shown));
     }
-    if found.is_empty() && problems.is_empty() && args.shard.is_none() {
-        let named: Vec<_> = args.images.iter().map(|a| a.to_string_lossy()).collect();
+    if let Some((dir, format)) = done {
+        let before = found.len();
+        found.retain(|input| {
+            !(inputs::is_tar(&input.path)
+                && input.member.is_none()
+                && output_path(dir, &input.shown, format).exists())
+        });
+        let skipped = before - found.len();
+        if skipped > 0 {
+            eprintln!(
+                "caption: skipped {skipped} shards whose output is already in {}",
+                dir.display()
+            );
+        }
+    }
+    let found = webdataset::expand(found, &mut problems);
+    if found.is_empty() && problems.is_empty() && shard.is_none() {
+        let named: Vec<_> = paths.iter().map(|a| a.to_string_lossy()).collect();
         bail!("no images found in {}", named.join(" "));
     }
     Ok((found, problems))
@@ -123,7 +167,13 @@ pub fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStat
     // The inputs are gathered and checked before the model is fetched: a
     // mistyped path must not cost a gigabyte's download first.
     let (inputs, problems) = gather_inputs(args)?;
+    let (inputs, destination) = destination(args, inputs)?;
     let sidecar = sidecar_options(args);
+    if sidecar.is_some() && inputs.iter().any(|input| input.member.is_some()) {
+        bail!(
+            "--sidecar writes beside each image, and images inside a tar have no folder of              their own: write jsonl (--format jsonl, or --resume FILE) instead"
+        );
+    }
     let (inputs, skipped) = skip_captioned(inputs, sidecar.as_ref());
     if skipped > 0 && !args.quiet {
         eprintln!("caption: skipped {skipped} images that already have a sidecar");
@@ -140,7 +190,7 @@ pub fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStat
     };
     if inputs.is_empty() {
         // Nothing for a model to do: report the problems, load nothing.
-        return report_problems_only(args.format, columns, problems);
+        return report_problems_only(args.format, columns, problems, destination);
     }
     let captioner = open_for_task(args, model, &runtime)?;
     let request = CaptionRequest {
@@ -169,7 +219,7 @@ pub fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStat
         },
         None => work(args, &captioner, request),
     };
-    run_batches(args, work, &inputs, problems, columns, sidecar)
+    run_batches(args, work, &inputs, problems, columns, sidecar, destination)
 }
 
 /// `caption --labels LABELS IMAGES...`: zero-shot labels from a CLIP model.
@@ -187,12 +237,13 @@ fn label_images(
     // A mistyped alias fails before the inputs are walked.
     caption::resolve_model(model, registry)?;
     let (inputs, problems) = gather_inputs(args)?;
+    let (inputs, destination) = destination(args, inputs)?;
     let columns = TextColumns {
         content: Content::Labels,
         ..text_columns(args, several_results(args, &inputs, &problems), false)
     };
     if inputs.is_empty() {
-        return report_problems_only(args.format, columns, problems);
+        return report_problems_only(args.format, columns, problems, destination);
     }
     let embedder = open_embedder(model, registry, runtime, args.quiet)?;
     // Encoded once for the whole run.
@@ -202,7 +253,89 @@ fn label_images(
         labels: &labels,
         top: args.clip.top.map(|k| k as usize),
     };
-    run_batches(args, work, &inputs, problems, columns, None)
+    run_batches(args, work, &inputs, problems, columns, None, destination)
+}
+
+/// Where a run's records go.
+enum Destination {
+    Stdout,
+    /// `--resume FILE`.
+    Resume(ResumeFile),
+    /// `--output-dir DIR`: a file per tar shard, each holding this many images.
+    ShardFiles {
+        dir: PathBuf,
+        expected: HashMap<String, usize>,
+    },
+}
+
+/// Where the records go, and the inputs still to do there: `--resume`'s
+/// file (the images it holds done are taken out), `--output-dir` (every
+/// input must be in a tar, and no two shards may share an output name), or
+/// stdout.
+fn destination(args: &CaptionArgs, mut inputs: Vec<Input>) -> Result<(Vec<Input>, Destination)> {
+    if let Some(path) = &args.resume {
+        let (file, found) = ResumeFile::open(path)?;
+        if !args.quiet {
+            eprintln!("caption: {}", found.summary(path));
+        }
+        inputs.retain(|input| !found.done.contains(&input.shown));
+        return Ok((inputs, Destination::Resume(file)));
+    }
+    let Some(dir) = &args.output_dir else {
+        return Ok((inputs, Destination::Stdout));
+    };
+    let mut expected: HashMap<String, usize> = HashMap::new();
+    let mut names: HashMap<PathBuf, &str> = HashMap::new();
+    for input in &inputs {
+        let Some(member) = &input.member else {
+            bail!(
+                "--output-dir writes one file per tar shard, and {} is not in a tar (for \
+                 plain images use --resume FILE or stdout)",
+                input.shown
+            );
+        };
+        *expected.entry(member.shard.clone()).or_default() += 1;
+        let name = output_path(dir, &member.shard, args.format);
+        if let Some(other) = names.insert(name.clone(), &member.shard) {
+            if other != member.shard {
+                bail!(
+                    "--output-dir: shards {other} and {} would both write {}",
+                    member.shard,
+                    name.display()
+                );
+            }
+        }
+    }
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("--output-dir: cannot make {}", dir.display()))?;
+    let dir = dir.clone();
+    Ok((inputs, Destination::ShardFiles { dir, expected }))
+}
+
+/// The writer for `destination`, and what a failed write was doing, for
+/// its error.
+fn record_writer<'a>(
+    format: Format,
+    columns: TextColumns,
+    destination: Destination,
+) -> (Box<dyn RecordWriter + 'a>, String) {
+    match destination {
+        Destination::Resume(file) => {
+            let what = format!("writing the results to {}", file.path().display());
+            (Box::new(ResumeWriter::new(file)), what)
+        }
+        Destination::ShardFiles { dir, expected } => {
+            let what = format!("writing the results in {}", dir.display());
+            (
+                Box::new(ShardFiles::new(&dir, format, columns, expected)),
+                what,
+            )
+        }
+        Destination::Stdout => (
+            output::writer(format, std::io::stdout().lock(), columns),
+            WRITING_STDOUT.to_string(),
+        ),
+    }
 }
 
 /// `--labels`: "a,b,c", or @FILE with one label per line; blank entries
@@ -269,14 +402,16 @@ fn report_problems_only(
     format: Format,
     columns: TextColumns,
     problems: Vec<inputs::InputProblem>,
+    destination: Destination,
 ) -> Result<RunStatus> {
-    let mut writer = output::writer(format, std::io::stdout().lock(), columns);
-    let status = write_problems(&mut *writer, problems)?;
-    writer.finish().context(WRITING_STDOUT)?;
+    let (mut writer, what) = record_writer(format, columns, destination);
+    let status = write_problems(&mut *writer, problems, &what)?;
+    writer.finish().context(what)?;
     Ok(status)
 }
 
-/// Runs `work` over `inputs`, records to stdout as they come.
+/// Runs `work` over `inputs`, records to stdout (or `--resume`'s file) as
+/// they come.
 fn run_batches(
     args: &CaptionArgs,
     work: Work,
@@ -284,28 +419,29 @@ fn run_batches(
     problems: Vec<inputs::InputProblem>,
     columns: TextColumns,
     sidecar: Option<SidecarOptions>,
+    destination: Destination,
 ) -> Result<RunStatus> {
     // From here on records are written: a Ctrl-C lets the batch in hand
     // finish, so that every one of them is whole.
     let interrupted = interrupt::stop_after_batch();
-    let stdout = std::io::stdout().lock();
-    let mut writer = output::writer(args.format, stdout, columns);
-    let status = write_problems(&mut *writer, problems)?;
+    let (mut writer, what) = record_writer(args.format, columns, destination);
+    let status = write_problems(&mut *writer, problems, &what)?;
     let batches = Batches {
         work,
         batch_size: args.batch_size as usize,
         load_options: args.load.load_options(),
+        decode_threads: args.load.decode_threads as usize,
         sidecar,
         stop: Some(interrupted),
     };
     let progress = ProgressBar::new(inputs.len(), args.quiet);
     let ended = batches.run(inputs, &progress, |record| {
-        writer.write(&record).context(WRITING_STDOUT)
+        writer.write(&record).with_context(|| what.clone())
     });
     progress.finish();
     // Closed even when the run failed part-way (e.g. `--format json`'s
     // array), so what was written stays a whole document.
-    let finished = writer.finish().context(WRITING_STDOUT);
+    let finished = writer.finish().with_context(|| what.clone());
     let ended = ended?;
     finished?;
     Ok(ended_status(ended, inputs.len(), status))
@@ -330,6 +466,7 @@ pub(super) fn ended_status(ended: Ended, total: usize, status: RunStatus) -> Run
 pub(super) fn write_problems(
     writer: &mut dyn output::RecordWriter,
     problems: Vec<inputs::InputProblem>,
+    what: &str,
 ) -> Result<RunStatus> {
     let mut status = RunStatus::AllGood;
     for problem in problems {
@@ -340,9 +477,10 @@ pub(super) fn write_problems(
             .write(&Record {
                 path: problem.shown,
                 path_bytes: problem.path_bytes,
+                sample: None,
                 outcome: Outcome::Error(problem.reason),
             })
-            .context(WRITING_STDOUT)?;
+            .with_context(|| what.to_string())?;
     }
     Ok(status)
 }
@@ -361,6 +499,12 @@ fn check_arguments(args: &CaptionArgs) -> Result<()> {
     }
     if let Some(sidecar) = sidecar_options(args) {
         sidecar.check_extension()?;
+    }
+    if args.resume.is_some() && !matches!(args.format, Format::Text | Format::Jsonl) {
+        bail!(
+            "--resume writes jsonl records into its file; it cannot be combined with --format {}",
+            format!("{:?}", args.format).to_lowercase()
+        );
     }
     if asking && args.prompt.is_some() {
         bail!(

@@ -12,7 +12,7 @@ use super::interrupt;
 use super::model::open_embedder;
 use super::outcome::RunStatus;
 use caption::batch::index::{EmbeddingIndex, FileKey};
-use caption::batch::inputs::{self, CollectOptions, Input, InputProblem};
+use caption::batch::inputs::{Input, InputProblem};
 use caption::batch::{Batches, Ended, Work};
 use caption::output::npy::NpyWriter;
 use caption::output::{self, Content, Format, Outcome, Record, TextColumns};
@@ -58,7 +58,7 @@ pub fn embed(args: &EmbedArgs, registry: &Registry) -> Result<RunStatus> {
                 ..TextColumns::default()
             };
             let mut writer = output::writer(args.format, std::io::stdout().lock(), columns);
-            let status = write_problems(&mut *writer, problems)?;
+            let status = write_problems(&mut *writer, problems, WRITING_STDOUT)?;
             let ended = run(&args.input, work, &inputs, |record| {
                 writer.write(&record).context(WRITING_STDOUT)
             });
@@ -209,11 +209,12 @@ pub fn search(args: &SearchArgs, registry: &Registry) -> Result<RunStatus> {
             .write(&Record {
                 path: input.shown.clone(),
                 path_bytes: output::path_bytes(&input.path),
+                sample: None,
                 outcome: Outcome::Match(score),
             })
             .context(WRITING_STDOUT)?;
     }
-    let mut status = write_problems(&mut *writer, problems)?;
+    let mut status = write_problems(&mut *writer, problems, WRITING_STDOUT)?;
     for record in errors.drain(..) {
         writer.write(&record).context(WRITING_STDOUT)?;
     }
@@ -254,6 +255,14 @@ fn scores_of(
             (_, true) => input.path.clone(),
             (Some(cwd), false) => cwd.join(&input.path),
             (None, false) => return None,
+        };
+        // An image in a tar: the tar's stamp, and its own name under the tar's path.
+        let path = match &input.member {
+            Some(member) => {
+                let name = input.shown.strip_prefix(member.shard.as_str())?;
+                path.join(name.trim_start_matches('/'))
+            }
+            None => path,
         };
         Some(FileKey { path, stamp })
     };
@@ -314,19 +323,7 @@ fn gather(
     paths: &[std::ffi::OsString],
     args: &EmbedInputArgs,
 ) -> Result<(Vec<Input>, Vec<InputProblem>)> {
-    let options = CollectOptions {
-        recursive: args.recursive,
-    };
-    let (mut found, mut problems) = inputs::collect(paths, std::io::stdin().lock(), &options);
-    if let Some(shard) = args.shard {
-        found.retain(|input| shard.takes(&input.shown));
-        problems.retain(|problem| shard.takes(&problem.shown));
-    }
-    if found.is_empty() && problems.is_empty() && args.shard.is_none() {
-        let named: Vec<_> = paths.iter().map(|a| a.to_string_lossy()).collect();
-        bail!("no images found in {}", named.join(" "));
-    }
-    Ok((found, problems))
+    super::images::gather(paths, args.recursive, args.shard.as_ref(), None)
 }
 
 /// Runs `work` over `inputs` through the batch engine, with a progress
@@ -344,6 +341,7 @@ fn run(
         work,
         batch_size: args.batch_size as usize,
         load_options: args.load.load_options(),
+        decode_threads: args.load.decode_threads as usize,
         sidecar: None,
         stop: Some(interrupt::stop_after_batch()),
     };

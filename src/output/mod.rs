@@ -3,6 +3,8 @@
 //! beside their images: [`sidecar`].
 
 pub mod npy;
+pub mod resume;
+pub mod shard_files;
 pub mod sidecar;
 
 use std::io::{self, Write};
@@ -47,7 +49,23 @@ pub struct Record {
     /// The path's bytes, only where they are not UTF-8 ([`path_bytes`]):
     /// jsonl writes them as `path_bytes`, so a program can find the file.
     pub path_bytes: Option<Vec<u8>>,
+    /// For an image in a WebDataset tar: its sample's key, shard and
+    /// passed-through `.json` / `.txt` (jsonl and json only).
+    pub sample: Option<Sample>,
     pub outcome: Outcome,
+}
+
+/// What a jsonl record carries of an image's sample in a WebDataset tar
+/// (read by `crate::batch::webdataset`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub key: String,
+    pub shard: String,
+    /// The sample's `.json`, parsed (a member that is not JSON is left out).
+    pub json: Option<serde_json::Value>,
+    /// The sample's `.txt` (the original caption, in img2dataset's shards),
+    /// else the `caption` field of its `.json`.
+    pub source_caption: Option<String>,
 }
 
 /// `path`'s bytes, where they are not valid UTF-8 (file names on Unix may
@@ -230,12 +248,23 @@ struct JsonlWriter<W> {
     out: W,
 }
 
+/// `record` as one jsonl line, newline included.
+pub(crate) fn jsonl_line(record: &Record) -> io::Result<Vec<u8>> {
+    let mut line = serde_json::to_vec(&JsonRecord::from(record)).map_err(io::Error::other)?;
+    line.push(b'\n');
+    Ok(line)
+}
+
 #[derive(Serialize)]
 struct JsonRecord<'a> {
     path: &'a str,
     /// Only for a path that is not UTF-8: its bytes, as numbers.
     #[serde(skip_serializing_if = "Option::is_none")]
     path_bytes: Option<&'a [u8]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shard: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     caption: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -254,13 +283,24 @@ struct JsonRecord<'a> {
     embedding: Option<&'a [f32]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a str>,
+    /// The sample's original caption (its `.txt`, else its `.json`'s `caption`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source_caption: Option<&'a str>,
+    /// The sample's `.json`, as it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source: Option<&'a serde_json::Value>,
 }
 
 impl<'a> From<&'a Record> for JsonRecord<'a> {
     fn from(record: &'a Record) -> Self {
+        let sample = record.sample.as_ref();
         let bare = Self {
             path: &record.path,
             path_bytes: record.path_bytes.as_deref(),
+            key: sample.map(|s| s.key.as_str()),
+            shard: sample.map(|s| s.shard.as_str()),
+            source_caption: sample.and_then(|s| s.source_caption.as_deref()),
+            source: sample.and_then(|s| s.json.as_ref()),
             caption: None,
             question: None,
             answer: None,
@@ -305,9 +345,7 @@ impl<W: Write> RecordWriter for JsonlWriter<W> {
     fn write(&mut self, record: &Record) -> io::Result<()> {
         // Serialise first, then write the whole line at once: an interrupted run
         // never leaves half a record.
-        let mut line = serde_json::to_vec(&JsonRecord::from(record)).map_err(io::Error::other)?;
-        line.push(b'\n');
-        self.out.write_all(&line)?;
+        self.out.write_all(&jsonl_line(record)?)?;
         self.out.flush()
     }
 
@@ -503,6 +541,7 @@ mod tests {
         Record {
             path: path.into(),
             path_bytes: None,
+            sample: None,
             outcome: Outcome::Labels(vec![label("red, car", 0.75), label("cat", 0.25)]),
         }
     }
@@ -534,6 +573,7 @@ mod tests {
         let embedding = Record {
             path: "a.jpg".into(),
             path_bytes: None,
+            sample: None,
             outcome: Outcome::Embedding(vec![0.5, -0.125]),
         };
         assert_eq!(
@@ -555,6 +595,7 @@ mod tests {
         let hit = Record {
             path: "b.png".into(),
             path_bytes: None,
+            sample: None,
             outcome: Outcome::Match(0.3125),
         };
         // A search result names its image even when it is the only one.
@@ -573,6 +614,7 @@ mod tests {
         let record = Record {
             path: "a.jpg".into(),
             path_bytes: None,
+            sample: None,
             outcome: Outcome::Caption(CaptionOutput {
                 clip_score: Some(0.25),
                 ..CaptionOutput::from("a dog")
@@ -609,11 +651,13 @@ mod tests {
             Record {
                 path: "a.jpg".into(),
                 path_bytes: None,
+                sample: None,
                 outcome: Outcome::Caption("a \"dog\"\non grass".into()),
             },
             Record {
                 path: "b.jpg".into(),
                 path_bytes: None,
+                sample: None,
                 outcome: Outcome::Error("not an image".into()),
             },
         ]
@@ -657,6 +701,7 @@ mod tests {
         let record = Record {
             path: "a.jpg".into(),
             path_bytes: None,
+            sample: None,
             outcome: Outcome::Caption(CaptionOutput {
                 question: Some("what is it?".into()),
                 ..CaptionOutput::from("a cat")
@@ -682,6 +727,7 @@ mod tests {
         Record {
             path: path.into(),
             path_bytes: None,
+            sample: None,
             outcome: Outcome::Caption(text.into()),
         }
     }
@@ -690,6 +736,7 @@ mod tests {
         Record {
             path: path.into(),
             path_bytes: None,
+            sample: None,
             outcome: Outcome::Caption(CaptionOutput {
                 question: Some(question.into()),
                 ..CaptionOutput::from(text)
@@ -701,6 +748,7 @@ mod tests {
         Record {
             path: path.into(),
             path_bytes: None,
+            sample: None,
             outcome: Outcome::Error(reason.into()),
         }
     }
@@ -709,6 +757,7 @@ mod tests {
         Record {
             path: path.into(),
             path_bytes: None,
+            sample: None,
             outcome: Outcome::Caption(CaptionOutput {
                 rank: Some(rank),
                 score: Some(score),
@@ -890,6 +939,7 @@ mod tests {
         let record = Record {
             path: "a.jpg".into(),
             path_bytes: None,
+            sample: None,
             outcome: Outcome::Caption(CaptionOutput {
                 question: Some("what?".into()),
                 rank: Some(1),

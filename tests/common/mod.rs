@@ -126,3 +126,39 @@ pub fn beams3() -> caption::generate::GenerationConfig {
     }
     .resolve(0)
 }
+
+/// The demo world's committed pictures (examples/ and the evaluation set,
+/// 44 PNGs) copied into a new folder `at`, numbered so that names stay
+/// unique; how many.
+pub fn demo_picture_folder(at: &Path) -> usize {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::create_dir(at).unwrap();
+    let mut n = 0;
+    for folder in ["examples", "tests/fixtures/demo/eval"] {
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(root.join(folder))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "png"))
+            .collect();
+        paths.sort();
+        for path in paths {
+            let name = path.file_name().unwrap().to_str().unwrap();
+            std::fs::copy(&path, at.join(format!("{n:02}-{name}"))).unwrap();
+            n += 1;
+        }
+    }
+    n
+}
+
+/// jsonl lines by their `path`; a path seen twice fails the test.
+pub fn jsonl_by_path(text: &str, into: &mut std::collections::BTreeMap<String, String>) {
+    for line in text.lines() {
+        let value: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not a jsonl record ({e}): {line:?}"));
+        let path = value["path"].as_str().unwrap().to_string();
+        assert!(
+            into.insert(path.clone(), line.to_string()).is_none(),
+            "{path} written twice"
+        );
+    }
+}
