@@ -352,3 +352,32 @@ fn output_dir_writes_a_file_per_shard_and_a_rerun_skips_finished_ones() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("is not in a tar"), "{stderr}");
 }
+
+/// `--output-dir` in Parquet: a table per shard with the sample's key,
+/// shard and original caption as columns, the rows of the jsonl records.
+#[test]
+fn output_dir_writes_a_parquet_table_per_shard() {
+    let (work, home, dir, _) = setup();
+    let whole = records_of(&run(&home, &[dir.to_str().unwrap()]));
+    let out_dir = work.path().join("tables");
+    let out = common::caption_command(&home)
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["-m", "demo", "--format", "parquet", "--output-dir"])
+        .args([&out_dir, &dir])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "the bad member fails");
+    let mut rows = BTreeMap::new();
+    for name in ["shard-00000.parquet", "shard-00001.parquet"] {
+        for row in common::parquet_rows(&out_dir.join(name)) {
+            let path = row["path"].as_str().unwrap().to_string();
+            assert!(rows.insert(path, row).is_none());
+        }
+    }
+    assert_eq!(rows.len(), whole.len());
+    for (path, record) in &whole {
+        let mut record = record.as_object().unwrap().clone();
+        record.remove("source");
+        assert_eq!(&record, &rows[path], "{path}");
+    }
+}

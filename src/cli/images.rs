@@ -318,8 +318,8 @@ fn record_writer<'a>(
     format: Format,
     columns: TextColumns,
     destination: Destination,
-) -> (Box<dyn RecordWriter + 'a>, String) {
-    match destination {
+) -> Result<(Box<dyn RecordWriter + 'a>, String)> {
+    Ok(match destination {
         Destination::Resume(file) => {
             let what = format!("writing the results to {}", file.path().display());
             (Box::new(ResumeWriter::new(file)), what)
@@ -332,10 +332,10 @@ fn record_writer<'a>(
             )
         }
         Destination::Stdout => (
-            output::writer(format, std::io::stdout().lock(), columns),
+            output::writer(format, std::io::stdout(), columns).context(WRITING_STDOUT)?,
             WRITING_STDOUT.to_string(),
         ),
-    }
+    })
 }
 
 /// `--labels`: "a,b,c", or @FILE with one label per line; blank entries
@@ -404,7 +404,7 @@ fn report_problems_only(
     problems: Vec<inputs::InputProblem>,
     destination: Destination,
 ) -> Result<RunStatus> {
-    let (mut writer, what) = record_writer(format, columns, destination);
+    let (mut writer, what) = record_writer(format, columns, destination)?;
     let status = write_problems(&mut *writer, problems, &what)?;
     writer.finish().context(what)?;
     Ok(status)
@@ -424,7 +424,7 @@ fn run_batches(
     // From here on records are written: a Ctrl-C lets the batch in hand
     // finish, so that every one of them is whole.
     let interrupted = interrupt::stop_after_batch();
-    let (mut writer, what) = record_writer(args.format, columns, destination);
+    let (mut writer, what) = record_writer(args.format, columns, destination)?;
     let status = write_problems(&mut *writer, problems, &what)?;
     let batches = Batches {
         work,
@@ -485,6 +485,17 @@ pub(super) fn write_problems(
     Ok(status)
 }
 
+/// `--format parquet` is a binary table: not for a terminal.
+pub(super) fn refuse_binary_on_a_terminal(format: Format) -> Result<()> {
+    if format == Format::Parquet && std::io::stdout().is_terminal() {
+        bail!(
+            "--format parquet writes a binary table: redirect stdout to a file \
+             (> captions.parquet) or give --output-dir"
+        );
+    }
+    Ok(())
+}
+
 /// The combinations of flags that cannot work, refused before anything loads.
 fn check_arguments(args: &CaptionArgs) -> Result<()> {
     if args.images.is_empty() {
@@ -499,6 +510,9 @@ fn check_arguments(args: &CaptionArgs) -> Result<()> {
     }
     if let Some(sidecar) = sidecar_options(args) {
         sidecar.check_extension()?;
+    }
+    if args.output_dir.is_none() {
+        refuse_binary_on_a_terminal(args.format)?;
     }
     if args.resume.is_some() && !matches!(args.format, Format::Text | Format::Jsonl) {
         bail!(

@@ -20,6 +20,8 @@ use caption::resolve::registry::Registry;
 use caption::Embedder;
 
 const WRITING_STDOUT: &str = "writing the results to stdout";
+const PARQUET_EMBEDDINGS: &str = "--format parquet holds captions, answers, labels and scores: \
+     write embeddings as jsonl (the default) or with --output FILE.npy";
 
 /// `caption embed`.
 pub fn embed(args: &EmbedArgs, registry: &Registry) -> Result<RunStatus> {
@@ -32,6 +34,9 @@ pub fn embed(args: &EmbedArgs, registry: &Registry) -> Result<RunStatus> {
     }
     if args.output.is_some() && !args.text.is_empty() {
         bail!("--output writes image embeddings; print text embeddings on stdout");
+    }
+    if args.format == Format::Parquet {
+        bail!(PARQUET_EMBEDDINGS);
     }
     let runtime = runtime_options(&args.input.runtime)?;
     caption::resolve_model(&args.input.model, registry)?;
@@ -57,7 +62,8 @@ pub fn embed(args: &EmbedArgs, registry: &Registry) -> Result<RunStatus> {
                 path: several,
                 ..TextColumns::default()
             };
-            let mut writer = output::writer(args.format, std::io::stdout().lock(), columns);
+            let mut writer =
+                output::writer(args.format, std::io::stdout(), columns).context(WRITING_STDOUT)?;
             let status = write_problems(&mut *writer, problems, WRITING_STDOUT)?;
             let ended = run(&args.input, work, &inputs, |record| {
                 writer.write(&record).context(WRITING_STDOUT)
@@ -103,6 +109,7 @@ fn embed_texts(embedder: &Embedder, texts: &[String], format: Format) -> Result<
             }
             csv.flush()?;
         }
+        Format::Parquet => bail!(PARQUET_EMBEDDINGS),
     }
     out.flush().context(WRITING_STDOUT)?;
     Ok(RunStatus::AllGood)
@@ -146,6 +153,7 @@ fn embed_into_npy(
 
 /// `caption search`.
 pub fn search(args: &SearchArgs, registry: &Registry) -> Result<RunStatus> {
+    super::images::refuse_binary_on_a_terminal(args.format)?;
     let (query, paths) = match &args.like {
         Some(_) => (None, &args.terms[..]),
         None => {
@@ -203,7 +211,8 @@ pub fn search(args: &SearchArgs, registry: &Registry) -> Result<RunStatus> {
         path: true,
         ..TextColumns::default()
     };
-    let mut writer = output::writer(args.format, std::io::stdout().lock(), columns);
+    let mut writer =
+        output::writer(args.format, std::io::stdout(), columns).context(WRITING_STDOUT)?;
     for (score, input) in ranked {
         writer
             .write(&Record {

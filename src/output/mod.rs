@@ -3,6 +3,7 @@
 //! beside their images: [`sidecar`].
 
 pub mod npy;
+pub mod parquet;
 pub mod resume;
 pub mod shard_files;
 pub mod sidecar;
@@ -115,6 +116,9 @@ pub enum Format {
     /// Tab-separated values with the same header and columns as csv, quoted the
     /// same way (so tabs and newlines in a caption survive).
     Tsv,
+    /// A Parquet table (Snappy), one row per record, the jsonl fields as columns;
+    /// readable once the run ends (redirect stdout to a file, or use --output-dir).
+    Parquet,
 }
 
 /// Writes records in one format.
@@ -159,12 +163,12 @@ pub struct TextColumns {
 }
 
 /// A writer for `format`; `columns` is for the text, csv and tsv formats.
-pub fn writer<'a, W: Write + 'a>(
+pub fn writer<'a, W: Write + Send + 'a>(
     format: Format,
     out: W,
     columns: TextColumns,
-) -> Box<dyn RecordWriter + 'a> {
-    match format {
+) -> io::Result<Box<dyn RecordWriter + 'a>> {
+    Ok(match format {
         Format::Text => Box::new(TextWriter { out, columns }),
         Format::Jsonl => Box::new(JsonlWriter { out }),
         Format::Json => Box::new(JsonArrayWriter {
@@ -173,7 +177,8 @@ pub fn writer<'a, W: Write + 'a>(
         }),
         Format::Csv => Box::new(DelimitedWriter::new(out, b',', columns)),
         Format::Tsv => Box::new(DelimitedWriter::new(out, b'\t', columns)),
-    }
+        Format::Parquet => Box::new(parquet::ParquetWriter::new(out)?),
+    })
 }
 
 struct TextWriter<W> {
@@ -637,7 +642,7 @@ mod tests {
     fn run_with(format: Format, columns: TextColumns, records: &[Record]) -> String {
         let mut buf = Vec::new();
         {
-            let mut w = writer(format, &mut buf, columns);
+            let mut w = writer(format, &mut buf, columns).unwrap();
             for r in records {
                 w.write(r).unwrap();
             }
@@ -818,7 +823,7 @@ mod tests {
     fn json_is_unterminated_until_finished() {
         let mut buf = Vec::new();
         {
-            let mut w = writer(Format::Json, &mut buf, TextColumns::default());
+            let mut w = writer(Format::Json, &mut buf, TextColumns::default()).unwrap();
             w.write(&caption("a.jpg", "a dog")).unwrap();
             w.write(&caption("b.jpg", "a cat")).unwrap();
         }
@@ -975,7 +980,7 @@ mod tests {
     fn csv_rows_are_written_whole_as_each_record_arrives() {
         let mut buf = Vec::new();
         {
-            let mut w = writer(Format::Csv, &mut buf, TextColumns::default());
+            let mut w = writer(Format::Csv, &mut buf, TextColumns::default()).unwrap();
             w.write(&caption("a.jpg", "two\nlines")).unwrap();
         }
         // No finish(): the header and the (multi-line) row are already out.

@@ -37,6 +37,7 @@ fn extension(format: Format) -> &'static str {
         Format::Json => "json",
         Format::Csv => "csv",
         Format::Tsv => "tsv",
+        Format::Parquet => "parquet",
     }
 }
 
@@ -91,7 +92,7 @@ impl ShardFiles {
                 .suffix(".tmp")
                 .tempfile_in(&self.dir)?;
             let out = BufWriter::new(temp.as_file().try_clone()?);
-            let writer = super::writer(self.format, out, self.columns);
+            let writer = super::writer(self.format, out, self.columns)?;
             let open = OpenShard {
                 temp,
                 writer,

@@ -162,3 +162,32 @@ pub fn jsonl_by_path(text: &str, into: &mut std::collections::BTreeMap<String, S
         );
     }
 }
+
+/// The rows of a Parquet file as JSON objects of their non-null columns
+/// (read with the `parquet` crate's row reader, not the writer's code);
+/// the `labels` column, JSON text, parsed.
+pub fn parquet_rows(path: &Path) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::record::Field;
+    let reader = SerializedFileReader::new(std::fs::File::open(path).unwrap()).unwrap();
+    reader
+        .get_row_iter(None)
+        .unwrap()
+        .map(|row| {
+            let row = row.unwrap();
+            let mut object = serde_json::Map::new();
+            for (name, field) in row.get_column_iter() {
+                let value = match field {
+                    Field::Null => continue,
+                    Field::Str(s) if name == "labels" => serde_json::from_str(s).unwrap(),
+                    Field::Str(s) => serde_json::Value::from(s.as_str()),
+                    Field::Int(i) => serde_json::Value::from(*i),
+                    Field::Float(f) => serde_json::Value::from(*f),
+                    other => panic!("{name}: unexpected {other:?}"),
+                };
+                object.insert(name.clone(), value);
+            }
+            object
+        })
+        .collect()
+}
