@@ -358,6 +358,36 @@ fn sidecars_are_whole_existing_ones_are_kept_and_an_interrupted_run_resumes() {
     let all = sidecars(&dir);
     assert_eq!(all.len(), GOOD);
     assert!(all.values().all(|t| t.starts_with("zz ")));
+
+    // --existing append adds the new caption after the old text; the old
+    // spellings are --existing skip and overwrite, and do not combine with it.
+    let appended = caption(home.path())
+        .args(["-r", "--sidecar", "--existing", "append", "--prefix", "yy "])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(
+        appended.status.code(),
+        Some(1),
+        "the broken files still fail"
+    );
+    for (path, text) in sidecars(&dir) {
+        // The old text without its line ending; the caption after its prefix.
+        let old = all[&path].trim_end();
+        let caption_text = old.strip_prefix("zz").unwrap().trim_start();
+        assert_eq!(
+            text,
+            format!("{old}, yy {caption_text}\n"),
+            "{}",
+            path.display()
+        );
+    }
+    let both = caption(home.path())
+        .args(["--sidecar", "--existing", "append", "--overwrite"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(both.status.code(), Some(2), "{}", stderr(&both));
 }
 
 /// The issue's reproduction: a file name that is not UTF-8, named on the
@@ -420,4 +450,35 @@ fn file_names_that_are_not_utf8_are_captioned_and_named_by_their_bytes() {
         .output()
         .unwrap();
     assert!(jsonl(&plain)[0].get("path_bytes").is_none());
+}
+
+/// `--trim-repeats` cuts the random tiny BLIP's loop ("closek closek
+/// closek") out of what it prints and what it writes to the sidecar, and
+/// leaves the rest of the caption as it was.
+#[test]
+fn trim_repeats_cuts_a_loop_in_the_output_and_the_sidecar() {
+    let home = tempfile::tempdir().unwrap();
+    let photo = home.path().join("chelsea.png");
+    std::fs::copy(fixtures().join("images/chelsea.png"), &photo).unwrap();
+    let run = |extra: &[&str]| {
+        let out = caption(home.path())
+            .args(extra)
+            .arg(&photo)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .trim_end()
+            .to_string()
+    };
+    let looping = run(&[]);
+    let trimmed = caption::output::repeats::trim_repeats(&looping).into_owned();
+    assert_ne!(
+        trimmed, looping,
+        "the fixture's caption has a loop: {looping:?}"
+    );
+    assert_eq!(run(&["--trim-repeats", "--sidecar"]), trimmed);
+    let sidecar = std::fs::read_to_string(home.path().join("chelsea.txt")).unwrap();
+    assert_eq!(sidecar, format!("{trimmed}\n"));
 }

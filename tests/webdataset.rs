@@ -346,6 +346,10 @@ fn output_dir_writes_a_file_per_shard_and_a_rerun_skips_finished_ones() {
     assert_eq!(damaged.status.code(), Some(1));
     assert!(!file("shard-00001.jsonl").exists());
 
+    let sidecar = run(&home, &["--sidecar", dir.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&sidecar.stderr);
+    assert!(stderr.contains("have no folder of their own"), "{stderr}");
+
     let plain = outside.values().next().unwrap();
     let refused = run(&home, &["--output-dir", out_arg, plain.to_str().unwrap()]);
     assert!(!refused.status.success());

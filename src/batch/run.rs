@@ -171,6 +171,9 @@ pub struct Batches<'a> {
     pub load_options: LoadOptions,
     /// Threads decoding the next batch; 0: [`default_decode_threads`].
     pub decode_threads: usize,
+    /// Cut repetition loops out of captions and answers
+    /// ([`crate::output::repeats`]), sidecars included.
+    pub trim_repeats: bool,
     /// Write each caption beside its image as well.
     pub sidecar: Option<SidecarOptions>,
     /// Set (by a Ctrl-C handler) to stop after the batch in hand.
@@ -313,7 +316,15 @@ impl Batches<'_> {
             let outputs = match error {
                 Some(reason) => Err(reason),
                 None => {
-                    let outputs = results.next().expect("results for every loaded image");
+                    let mut outputs = results.next().expect("results for every loaded image");
+                    if self.trim_repeats {
+                        for output in &mut outputs {
+                            if let Output::Text(caption) = output {
+                                caption.text = crate::output::repeats::trim_repeats(&caption.text)
+                                    .into_owned();
+                            }
+                        }
+                    }
                     match self.write_sidecar(input, &outputs) {
                         Err(err) => {
                             progress.note(&format!("caption: {path}: {err:#}"));

@@ -24,7 +24,8 @@ const VERSION: &str = concat!(
     " (CPU only: built without the cuda feature)"
 );
 
-/// Caption images with BLIP, natively: the same captions as transformers, in one fast binary.
+/// Caption, question, label and search images with BLIP, BLIP-2, LLaVA and CLIP, natively: the same
+/// answers as transformers, in one fast binary.
 #[derive(Debug, Parser)]
 #[command(name = "caption", version = VERSION, args_conflicts_with_subcommands = true)]
 pub struct Cli {
@@ -85,6 +86,22 @@ pub struct CaptionArgs {
     #[arg(long, value_name = "DIR", conflicts_with = "resume")]
     pub output_dir: Option<std::path::PathBuf>,
 
+    /// Cut repetition loops out of captions and answers ("a hat on top of a hat on top of a
+    /// hat" -> "a hat on top of a hat"); text without one is unchanged. Off by default: the
+    /// output is transformers' own.
+    #[arg(long)]
+    pub trim_repeats: bool,
+
+    /// Only the first N images (after --shard and the images skipped as done): a quick trial
+    /// on a big folder.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub limit: Option<u64>,
+
+    /// Write the run's figures (images done, failed, skipped; images/s; wall time) as JSON to
+    /// FILE at the end. On a terminal they are also one line on stderr.
+    #[arg(long, value_name = "FILE")]
+    pub summary: Option<std::path::PathBuf>,
+
     /// Also write each caption next to its image as <stem>.txt (written whole: temp file + rename).
     #[arg(long, help_heading = "Sidecar files")]
     pub sidecar: bool,
@@ -99,7 +116,20 @@ pub struct CaptionArgs {
     )]
     pub sidecar_ext: String,
 
-    /// Skip images that already have a sidecar (resume an interrupted run).
+    /// What to do with an image's existing sidecar: refuse (an error for that image), skip (do
+    /// not caption the image: resume a run), overwrite, append or prepend the new caption
+    /// (joined by ", ") [default: refuse].
+    #[arg(
+        long,
+        value_enum,
+        value_name = "POLICY",
+        requires = "sidecar",
+        conflicts_with_all = ["skip_existing", "overwrite"],
+        help_heading = "Sidecar files"
+    )]
+    pub existing: Option<caption::output::sidecar::Existing>,
+
+    /// --existing skip.
     #[arg(
         long,
         requires = "sidecar",
@@ -108,7 +138,7 @@ pub struct CaptionArgs {
     )]
     pub skip_existing: bool,
 
-    /// Replace existing sidecars (without this or --skip-existing, an existing one is an error for that image).
+    /// --existing overwrite.
     #[arg(long, requires = "sidecar", help_heading = "Sidecar files")]
     pub overwrite: bool,
 

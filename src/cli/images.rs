@@ -11,6 +11,7 @@ use super::args::{generation_flags, runtime_options, CaptionArgs};
 use super::interrupt;
 use super::model::{open_embedder, open_model};
 use super::outcome::RunStatus;
+use super::summary::Summary;
 use caption::batch::inputs::{self, CollectOptions, Input};
 use caption::batch::schedulers::ShardArg;
 use caption::batch::webdataset;
@@ -155,11 +156,24 @@ pub(super) fn gather(
 /// `caption IMAGES...`: every input captioned (or asked about, or
 /// labelled), one record each on stdout.
 pub fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStatus> {
+    let mut summary = Summary::start();
     check_arguments(args)?;
     let runtime = runtime_options(&args.runtime)?;
-    if let Some(labels) = &args.clip.labels {
-        return label_images(args, labels, registry, &runtime);
-    }
+    let status = match &args.clip.labels {
+        Some(labels) => label_images(args, labels, registry, &runtime, &mut summary)?,
+        None => caption_or_answer(args, registry, &runtime, &mut summary)?,
+    };
+    summary.report(args.summary.as_deref(), args.quiet)?;
+    Ok(status)
+}
+
+/// Captions (or answers about, or reranks the captions of) every input.
+fn caption_or_answer(
+    args: &CaptionArgs,
+    registry: &Registry,
+    runtime: &caption::RuntimeOptions,
+    summary: &mut Summary,
+) -> Result<RunStatus> {
     let flags = rerank_flags(args, generation_flags(&args.decoding))?;
     // Bad flag values fail before any download or model load.
     flags.resolve(args.decoding.seed).validate()?;
@@ -167,17 +181,21 @@ pub fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStat
     // The inputs are gathered and checked before the model is fetched: a
     // mistyped path must not cost a gigabyte's download first.
     let (inputs, problems) = gather_inputs(args)?;
-    let (inputs, destination) = destination(args, inputs)?;
+    let (inputs, destination) = destination(args, inputs, summary)?;
     let sidecar = sidecar_options(args);
     if sidecar.is_some() && inputs.iter().any(|input| input.member.is_some()) {
         bail!(
-            "--sidecar writes beside each image, and images inside a tar have no folder of              their own: write jsonl (--format jsonl, or --resume FILE) instead"
+            "--sidecar writes beside each image, and images inside a tar have no folder of \
+             their own: write jsonl (--format jsonl, or --resume FILE) instead"
         );
     }
     let (inputs, skipped) = skip_captioned(inputs, sidecar.as_ref());
     if skipped > 0 && !args.quiet {
         eprintln!("caption: skipped {skipped} images that already have a sidecar");
     }
+    summary.skipped += skipped;
+    let inputs = limited(args, inputs, summary);
+    summary.problems(problems.len());
     let several = several_results(args, &inputs, &problems);
     let kept = args.decoding.num_return.unwrap_or(1) as usize;
     let ranked = match args.clip.rerank {
@@ -192,7 +210,7 @@ pub fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStat
         // Nothing for a model to do: report the problems, load nothing.
         return report_problems_only(args.format, columns, problems, destination);
     }
-    let captioner = open_for_task(args, model, &runtime)?;
+    let captioner = open_for_task(args, model, runtime)?;
     let request = CaptionRequest {
         prompt: args.prompt.clone(),
         generation: captioner.generation(&flags, args.decoding.seed),
@@ -207,7 +225,7 @@ pub fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStat
         ..columns
     };
     let embedder = match &args.clip.rerank {
-        Some(clip_model) => Some(open_embedder(clip_model, registry, &runtime, args.quiet)?),
+        Some(clip_model) => Some(open_embedder(clip_model, registry, runtime, args.quiet)?),
         None => None,
     };
     let work = match &embedder {
@@ -219,7 +237,11 @@ pub fn caption_images(args: &CaptionArgs, registry: &Registry) -> Result<RunStat
         },
         None => work(args, &captioner, request),
     };
-    run_batches(args, work, &inputs, problems, columns, sidecar, destination)
+    let sink = Sink {
+        columns,
+        destination,
+    };
+    run_batches(args, work, &inputs, problems, sink, sidecar, summary)
 }
 
 /// `caption --labels LABELS IMAGES...`: zero-shot labels from a CLIP model.
@@ -228,6 +250,7 @@ fn label_images(
     labels: &str,
     registry: &Registry,
     runtime: &caption::RuntimeOptions,
+    summary: &mut Summary,
 ) -> Result<RunStatus> {
     let labels = parse_labels(labels)?;
     let model = args
@@ -237,7 +260,9 @@ fn label_images(
     // A mistyped alias fails before the inputs are walked.
     caption::resolve_model(model, registry)?;
     let (inputs, problems) = gather_inputs(args)?;
-    let (inputs, destination) = destination(args, inputs)?;
+    let (inputs, destination) = destination(args, inputs, summary)?;
+    let inputs = limited(args, inputs, summary);
+    summary.problems(problems.len());
     let columns = TextColumns {
         content: Content::Labels,
         ..text_columns(args, several_results(args, &inputs, &problems), false)
@@ -253,7 +278,34 @@ fn label_images(
         labels: &labels,
         top: args.clip.top.map(|k| k as usize),
     };
-    run_batches(args, work, &inputs, problems, columns, None, destination)
+    let sink = Sink {
+        columns,
+        destination,
+    };
+    run_batches(args, work, &inputs, problems, sink, None, summary)
+}
+
+/// `--limit N`: the first N inputs; how many were left goes to `summary`.
+fn limited(args: &CaptionArgs, mut inputs: Vec<Input>, summary: &mut Summary) -> Vec<Input> {
+    if let Some(limit) = args.limit.map(|n| usize::try_from(n).unwrap_or(usize::MAX)) {
+        if inputs.len() > limit {
+            summary.limited = inputs.len() - limit;
+            if !args.quiet {
+                eprintln!(
+                    "caption: --limit {limit}: the first {limit} of {} images",
+                    inputs.len()
+                );
+            }
+            inputs.truncate(limit);
+        }
+    }
+    inputs
+}
+
+/// Where a run's records go, and in what columns.
+struct Sink {
+    columns: TextColumns,
+    destination: Destination,
 }
 
 /// Where a run's records go.
@@ -272,13 +324,19 @@ enum Destination {
 /// file (the images it holds done are taken out), `--output-dir` (every
 /// input must be in a tar, and no two shards may share an output name), or
 /// stdout.
-fn destination(args: &CaptionArgs, mut inputs: Vec<Input>) -> Result<(Vec<Input>, Destination)> {
+fn destination(
+    args: &CaptionArgs,
+    mut inputs: Vec<Input>,
+    summary: &mut Summary,
+) -> Result<(Vec<Input>, Destination)> {
     if let Some(path) = &args.resume {
         let (file, found) = ResumeFile::open(path)?;
         if !args.quiet {
             eprintln!("caption: {}", found.summary(path));
         }
+        let before = inputs.len();
         inputs.retain(|input| !found.done.contains(&input.shown));
+        summary.skipped += before - inputs.len();
         return Ok((inputs, Destination::Resume(file)));
     }
     let Some(dir) = &args.output_dir else {
@@ -417,20 +475,21 @@ fn run_batches(
     work: Work,
     inputs: &[Input],
     problems: Vec<inputs::InputProblem>,
-    columns: TextColumns,
+    sink: Sink,
     sidecar: Option<SidecarOptions>,
-    destination: Destination,
+    summary: &mut Summary,
 ) -> Result<RunStatus> {
     // From here on records are written: a Ctrl-C lets the batch in hand
     // finish, so that every one of them is whole.
     let interrupted = interrupt::stop_after_batch();
-    let (mut writer, what) = record_writer(args.format, columns, destination)?;
+    let (mut writer, what) = record_writer(args.format, sink.columns, sink.destination)?;
     let status = write_problems(&mut *writer, problems, &what)?;
     let batches = Batches {
         work,
         batch_size: args.batch_size as usize,
         load_options: args.load.load_options(),
         decode_threads: args.load.decode_threads as usize,
+        trim_repeats: args.trim_repeats,
         sidecar,
         stop: Some(interrupted),
     };
@@ -444,6 +503,7 @@ fn run_batches(
     let finished = writer.finish().with_context(|| what.clone());
     let ended = ended?;
     finished?;
+    summary.ended(ended, inputs.len());
     Ok(ended_status(ended, inputs.len(), status))
 }
 
@@ -571,12 +631,11 @@ fn open_for_task(
 fn sidecar_options(args: &CaptionArgs) -> Option<SidecarOptions> {
     args.sidecar.then(|| SidecarOptions {
         extension: args.sidecar_ext.clone(),
-        existing: if args.skip_existing {
-            Existing::Skip
-        } else if args.overwrite {
-            Existing::Overwrite
-        } else {
-            Existing::Refuse
+        existing: match (args.existing, args.skip_existing, args.overwrite) {
+            (Some(policy), _, _) => policy,
+            (None, true, _) => Existing::Skip,
+            (None, false, true) => Existing::Overwrite,
+            (None, false, false) => Existing::Refuse,
         },
         prefix: args.prefix.clone(),
         suffix: args.suffix.clone(),

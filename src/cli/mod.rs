@@ -11,6 +11,7 @@ mod model;
 mod outcome;
 mod search;
 pub mod stdout;
+mod summary;
 
 pub use args::Cli;
 use args::Command;

@@ -351,6 +351,7 @@ fn run(
         batch_size: args.batch_size as usize,
         load_options: args.load.load_options(),
         decode_threads: args.load.decode_threads as usize,
+        trim_repeats: false,
         sidecar: None,
         stop: Some(interrupt::stop_after_batch()),
     };

@@ -4,6 +4,7 @@
 
 pub mod npy;
 pub mod parquet;
+pub mod repeats;
 pub mod resume;
 pub mod shard_files;
 pub mod sidecar;

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-/// What to do when an image already has a sidecar.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// What to do when an image already has a sidecar (`--existing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Existing {
     /// Leave it, and report the image as failed: nothing is silently replaced.
     #[default]
@@ -17,7 +17,19 @@ pub enum Existing {
     Skip,
     /// Replace it.
     Overwrite,
+    /// Keep its text and add the new caption after it, joined by ", ".
+    Append,
+    /// Keep its text and put the new caption before it, joined by ", ".
+    Prepend,
 }
+
+/// What `append` and `prepend` put between the old text and the new
+/// caption: the comma of comma-separated training captions.
+pub const JOIN: &str = ", ";
+
+/// The most of an existing sidecar that `append`/`prepend` read: a caption
+/// file, not a document.
+const MAX_EXISTING_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SidecarOptions {
@@ -73,12 +85,43 @@ impl SidecarOptions {
             target != image,
             "the sidecar would replace the image itself: choose another --sidecar-ext"
         );
-        write_whole(
-            &target,
-            self.contents(caption).as_bytes(),
-            self.existing == Existing::Overwrite,
-        )?;
+        let contents = match self.existing {
+            Existing::Append | Existing::Prepend => self.combined(&target, caption)?,
+            _ => self.contents(caption),
+        };
+        let replace = matches!(
+            self.existing,
+            Existing::Overwrite | Existing::Append | Existing::Prepend
+        );
+        write_whole(&target, contents.as_bytes(), replace)?;
         Ok(target)
+    }
+
+    /// `append`/`prepend`: the existing sidecar's text (its line ending
+    /// dropped) and the new caption joined by [`JOIN`], or the caption alone
+    /// where there is none yet.
+    fn combined(&self, target: &Path, caption: &str) -> Result<String> {
+        let new = self.contents(caption);
+        let new = new.trim_end_matches('\n');
+        let old = match std::fs::metadata(target) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(format!("{new}\n")),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", target.display())),
+            Ok(meta) => {
+                anyhow::ensure!(
+                    meta.is_file() && meta.len() <= MAX_EXISTING_BYTES,
+                    "{} is not a caption file of at most 1 MiB: not adding to it",
+                    target.display()
+                );
+                let text = std::fs::read_to_string(target)
+                    .with_context(|| format!("reading {} (UTF-8 text)", target.display()))?;
+                text.trim_end().to_string()
+            }
+        };
+        Ok(match (old.is_empty(), self.existing) {
+            (true, _) => format!("{new}\n"),
+            (false, Existing::Prepend) => format!("{new}{JOIN}{old}\n"),
+            (false, _) => format!("{old}{JOIN}{new}\n"),
+        })
     }
 }
 
@@ -160,6 +203,36 @@ fn keep_existing_mode(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn append_and_prepend_keep_the_old_text_and_join_the_new() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("a.jpg");
+        let sidecar = dir.path().join("a.txt");
+        let plain = |existing| SidecarOptions {
+            prefix: String::new(),
+            suffix: String::new(),
+            ..options(existing)
+        };
+        // No sidecar yet: the caption alone.
+        plain(Existing::Append).write(&image, "a cat").unwrap();
+        assert_eq!(std::fs::read_to_string(&sidecar).unwrap(), "a cat\n");
+        plain(Existing::Append).write(&image, "on a mat").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&sidecar).unwrap(),
+            "a cat, on a mat\n"
+        );
+        // The new caption keeps its prefix and suffix (a trigger word first).
+        options(Existing::Prepend).write(&image, "a tabby").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&sidecar).unwrap(),
+            "sks, a tabby, photo, a cat, on a mat\n"
+        );
+        std::fs::write(&sidecar, [0xff, 0xfe]).unwrap();
+        let err = plain(Existing::Append).write(&image, "x").unwrap_err();
+        assert!(format!("{err:#}").contains("UTF-8"), "{err:#}");
+        assert_eq!(std::fs::read(&sidecar).unwrap(), [0xff, 0xfe]);
+    }
 
     fn options(existing: Existing) -> SidecarOptions {
         SidecarOptions {
