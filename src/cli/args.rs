@@ -166,6 +166,7 @@ pub struct CaptionArgs {
     pub model: Option<String>,
 
     /// Ask a question about each image (needs a VQA, BLIP-2 or LLaVA model); repeat to ask several.
+    /// @FILE asks the questions in FILE, one per line.
     #[arg(long, value_name = "QUESTION")]
     pub ask: Vec<String>,
 

@@ -396,6 +396,32 @@ fn record_writer<'a>(
     })
 }
 
+/// `--ask`: each `@FILE` replaced by the questions in FILE, one per line
+/// (blank lines dropped), in order; other values are questions as given.
+pub(super) fn questions_from_files(asked: &[String]) -> Result<Vec<String>> {
+    let mut questions = Vec::with_capacity(asked.len());
+    for value in asked {
+        let Some(file) = value.strip_prefix('@') else {
+            questions.push(value.clone());
+            continue;
+        };
+        let text = caption::load::regular_file::read_text(std::path::Path::new(file))
+            .with_context(|| format!("--ask @{file}: reading the questions"))?;
+        let before = questions.len();
+        questions.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|line| !line.is_empty())
+                .map(str::to_string),
+        );
+        anyhow::ensure!(
+            questions.len() > before,
+            "--ask @{file} holds no questions (one per line)"
+        );
+    }
+    Ok(questions)
+}
+
 /// `--labels`: "a,b,c", or @FILE with one label per line; blank entries
 /// are dropped.
 fn parse_labels(spec: &str) -> Result<Vec<String>> {

@@ -31,6 +31,10 @@ pub fn run(cli: Cli) -> Result<RunStatus> {
         Some(Command::Man) => manual::print_man_page(),
         Some(Command::Embed(args)) => search::embed(&args, &registry),
         Some(Command::Search(args)) => search::search(&args, &registry),
-        None => images::caption_images(&cli.caption, &registry),
+        None => {
+            let mut args = cli.caption;
+            args.ask = images::questions_from_files(&args.ask)?;
+            images::caption_images(&args, &registry)
+        }
     }
 }
